@@ -1,0 +1,108 @@
+"""The ``lightning-reshape`` command: ``groups`` (rank layout) and ``inspect`` (checkpoints).
+
+Every error from bad input is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from lightning_reshape.errors import ReshapeError
+from lightning_reshape.topology import DEFAULT_ORDER, GROUP_KINDS, ParallelConfig
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1")
+    return value
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lightning-reshape", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    groups = sub.add_parser("groups", help="print the rank groups of a parallel layout")
+    groups.add_argument("--world-size", type=_positive_int, required=True)
+    for axis in ("tp", "pp", "cp", "ep"):
+        groups.add_argument(f"--{axis}", type=_positive_int, default=1)
+    groups.add_argument("--etp", type=_positive_int, default=None, help="default: tp")
+    groups.add_argument("--order", default=DEFAULT_ORDER, help=f"default: {DEFAULT_ORDER}")
+    groups.add_argument("--json", action="store_true", help="one JSON object keyed by token")
+    groups.add_argument(
+        "--max-groups", type=_positive_int, default=16, help="groups shown per kind in the table"
+    )
+    groups.set_defaults(run=_run_groups)
+
+    inspect = sub.add_parser("inspect", help="describe a DeepSpeed checkpoint")
+    inspect.add_argument("path")
+    inspect.add_argument("--json", action="store_true")
+    inspect.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled types outside the allow-list (runs code from the file)",
+    )
+    inspect.set_defaults(run=_run_inspect)
+    return parser
+
+
+def _run_groups(args: argparse.Namespace) -> int:
+    config = ParallelConfig(
+        tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp, order=args.order
+    )
+    layout = config.resolve(args.world_size)
+    groups = layout.all_groups()
+    if args.json:
+        json.dump(groups, sys.stdout, separators=(",", ":"))
+        sys.stdout.write("\n")
+        return 0
+    print(layout.describe())
+    width = max(len(k) for k in GROUP_KINDS)
+    print(f"{'group':<{width}}  {'count':>7} x {'size':<5} ranks")
+    for kind in GROUP_KINDS:
+        lists = groups[kind]
+        shown = " ".join("[" + ",".join(map(str, g)) + "]" for g in lists[: args.max_groups])
+        more = f" ... +{len(lists) - args.max_groups} more" if len(lists) > args.max_groups else ""
+        print(f"{kind:<{width}}  {len(lists):>7} x {len(lists[0]):<5} {shown}{more}")
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from lightning_reshape.checkpoint.inspect import format_inspect, inspect_checkpoint
+
+    report = inspect_checkpoint(args.path, trust=args.trust_checkpoint)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(format_inspect(report))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except ReshapeError as err:
+        print(f"lightning-reshape {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
