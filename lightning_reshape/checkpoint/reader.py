@@ -1,0 +1,1359 @@
+"""Find a DeepSpeed checkpoint on disk and describe it as a :class:`Manifest`; read pieces lazily.
+
+Why: DeepSpeed spreads one logical tensor over model files, ZeRO flat partitions, pipeline
+layer files and tensor-parallel shards, with the layout hidden in string keys. This module
+turns all of that into explicit geometry once, reading only metadata (files are memory-mapped,
+so tensors are not paged in), and never writes anything.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lightning_reshape.checkpoint.manifest import (
+    ROLE_BUFFER,
+    ROLE_FP32,
+    ROLE_OPTIM,
+    ROLE_PARAM,
+    KeyPath,
+    Manifest,
+    Piece,
+    ScalarState,
+    SourceTopology,
+    StateRef,
+    TensorEntry,
+)
+from lightning_reshape.checkpoint.safe_load import safe_load
+from lightning_reshape.checkpoint.sidecar import SIDECAR_NAME, Sidecar, TPSplit, read_sidecar
+from lightning_reshape.errors import CheckpointError
+
+__all__ = [
+    "CheckpointLocation",
+    "TPRule",
+    "resolve_checkpoint",
+    "read_manifest",
+    "ShardReader",
+    "load_entry",
+    "consolidate_fp32",
+    "consolidate_optimizer_states",
+]
+
+MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+Z3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+LAYER_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+EXPERT_RE = re.compile(r"^(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt$|^expp_rank_")
+TAG_HINT = re.compile(r"^global_step(\d+)$")
+
+# Keys DeepSpeed itself writes into the model-states file; everything else is client state.
+DS_MODEL_KEYS = frozenset(
+    {
+        "module",
+        "buffer_names",
+        "optimizer",
+        "param_shapes",
+        "frozen_param_shapes",
+        "shared_params",
+        "frozen_param_fragments",
+        "lr_scheduler",
+        "data_sampler",
+        "random_ltd",
+        "sparse_tensor_module_names",
+        "skipped_steps",
+        "global_steps",
+        "global_samples",
+        "dp_world_size",
+        "mp_world_size",
+        "checkpoint_parallel_dimensions",
+        "ds_config",
+        "ds_version",
+        "num_experts",
+        "ds_autoep_layers",
+        "universal_checkpoint_info",
+        "compiled_autograd",
+    }
+)
+# Non-tensor DeepSpeed state a reshape must carry over verbatim.
+DS_CARRIED_KEYS = (
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "sparse_tensor_module_names",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "ds_config",
+    "ds_version",
+)
+OPTIM_CARRIED_KEYS = (
+    "loss_scaler",
+    "dynamic_loss_scale",
+    "overflow",
+    "clip_grad",
+    "cur_scale",
+    "cur_iter",
+    "last_overflow_iter",
+    "scale_factor",
+    "scale_window",
+)
+
+
+@dataclass(frozen=True)
+class CheckpointLocation:
+    """Where a checkpoint's tag folder is and how it was found."""
+
+    layout: str  # "lightning-deepspeed" | "deepspeed"
+    tag_dir: str
+    tag: str
+    save_dir: str | None
+
+
+@dataclass(frozen=True)
+class TPRule:
+    """User rule: parameters whose name matches ``pattern`` (re.search) split as ``split``.
+
+    ``split=None`` means replicated across tensor-parallel ranks.
+    """
+
+    pattern: str
+    split: TPSplit | None
+
+
+# --------------------------------------------------------------------------------------------
+# locating the tag folder
+
+
+def _is_tag_dir(path: str) -> bool:
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return any(
+        MODEL_RE.match(n) or Z3_MODEL_RE.match(n) or LAYER_RE.match(n) or OPTIM_RE.match(n)
+        for n in names
+    )
+
+
+def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> CheckpointLocation:
+    """Turn what the user passed into the tag folder to read, with a friendly error otherwise.
+
+    Accepts a Lightning ``X.ckpt`` directory, a DeepSpeed save directory (``latest`` + tags,
+    or ``tag=`` to choose one), or a tag folder itself.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if os.path.isfile(path):
+        parent = os.path.dirname(path)
+        hint = parent
+        if os.path.basename(parent) == "checkpoint" and os.path.isfile(
+            os.path.join(os.path.dirname(parent), "latest")
+        ):
+            hint = os.path.dirname(parent)
+        raise CheckpointError(
+            f"{path}: is a single file; a DeepSpeed checkpoint is a directory. "
+            f"Pass the checkpoint directory instead: {hint}"
+        )
+    latest = os.path.join(path, "latest")
+    if tag is None and os.path.isfile(latest):
+        try:
+            with open(latest, encoding="utf-8") as fh:
+                tag = fh.read().strip()
+        except OSError as exc:
+            raise CheckpointError(f"{latest}: cannot read ({exc})") from exc
+        if not tag:
+            raise CheckpointError(f"{latest}: is empty; pass the tag folder directly")
+    if tag is not None:
+        tag_dir = os.path.join(path, tag)
+        if not os.path.isdir(tag_dir):
+            avail = sorted(d for d in os.listdir(path) if _is_tag_dir(os.path.join(path, d)))
+            raise CheckpointError(
+                f"{tag_dir}: tag folder {tag!r} "
+                f"(from {latest if os.path.isfile(latest) else 'tag='}) "
+                f"does not exist; tags present: {avail or 'none'}"
+            )
+        if not _is_tag_dir(tag_dir):
+            raise CheckpointError(
+                f"{tag_dir}: holds no DeepSpeed model-state files (*_model_states.pt); "
+                "the save is incomplete or this is not a DeepSpeed checkpoint"
+            )
+        layout = "lightning-deepspeed" if tag == "checkpoint" else "deepspeed"
+        return CheckpointLocation(layout=layout, tag_dir=tag_dir, tag=tag, save_dir=path)
+    if _is_tag_dir(path):
+        parent = os.path.dirname(path)
+        name = os.path.basename(path)
+        layout = "deepspeed"
+        if name == "checkpoint" and os.path.isfile(os.path.join(parent, "latest")):
+            layout = "lightning-deepspeed"
+        return CheckpointLocation(layout=layout, tag_dir=path, tag=name, save_dir=None)
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot list directory ({exc})") from exc
+    if not entries:
+        raise CheckpointError(f"{path}: is an empty directory, not a DeepSpeed checkpoint")
+    tags = [e for e in entries if _is_tag_dir(os.path.join(path, e))]
+    if tags:
+        raise CheckpointError(
+            f"{path}: has no 'latest' file; pass one tag folder instead, e.g. "
+            f"{os.path.join(path, tags[-1])} (tags present: {', '.join(tags)})"
+        )
+    raise CheckpointError(
+        f"{path}: is not a DeepSpeed checkpoint (no 'latest' file, no *_model_states.pt files); "
+        "pass a Lightning X.ckpt directory, a DeepSpeed save directory or a tag folder"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# small helpers
+
+
+def _get(obj: Any, key: KeyPath) -> Any:
+    for k in key:
+        obj = obj[k]
+    return obj
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in x)
+
+
+def _prod(shape: Iterable[int]) -> int:
+    return math.prod(int(s) for s in shape)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _summary(value: Any) -> str:
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:60])
+    if isinstance(value, Mapping):
+        return f"dict({len(value)} keys)"
+    if isinstance(value, (list, tuple)):
+        return f"{type(value).__name__}({len(value)})"
+    return type(value).__name__
+
+
+def _scalar(value: Any) -> float | int | bool | None:
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else None
+    if isinstance(value, (bool, int, float)):
+        return value
+    return None
+
+
+def _split_for(
+    name: str,
+    sidecar: Sidecar | None,
+    rules: Sequence[TPRule],
+    uc_info: Mapping[str, Any] | None,
+) -> tuple[bool, TPSplit | None]:
+    """(known, split) for one parameter; known=False means nobody told us."""
+    for rule in rules:
+        if re.search(rule.pattern, name):
+            return True, rule.split
+    if sidecar is not None and name in sidecar.tp_splits:
+        return True, sidecar.tp_splits[name]
+    if uc_info:
+
+        def matches(key: str) -> bool:
+            return any(re.match(p, name) for p in uc_info.get(key, []) or [])
+
+        if matches("tp_replicated_parameter_patterns") or matches("parameter_to_average_patterns"):
+            return True, None
+        if matches("parameter_with_row_parallelism_patterns"):
+            return True, TPSplit(dim=1)
+        if matches("parameter_with_2_sub_params_cat_dim_0"):
+            return True, TPSplit(dim=0, stride=2)
+        return True, TPSplit(dim=0)
+    return False, None
+
+
+def _global_shape(
+    local_shapes: Sequence[tuple[int, ...]], split: TPSplit | None
+) -> tuple[int, ...]:
+    if split is None or len(local_shapes) == 1:
+        return local_shapes[0]
+    base = list(local_shapes[0])
+    if split.dim >= len(base):
+        raise CheckpointError(f"split dim {split.dim} out of range for shape {tuple(base)}")
+    base[split.dim] = sum(s[split.dim] for s in local_shapes)
+    return tuple(base)
+
+
+# --------------------------------------------------------------------------------------------
+# lazy piece reading
+
+
+class ShardReader:
+    """Opens checkpoint files on demand (memory-mapped) and hands out flat slices.
+
+    Why: a file is unpickled once and its tensors stay on disk until a slice is touched, so
+    reading one parameter out of a large ZeRO partition costs that parameter's pages only.
+    """
+
+    def __init__(self, root: str, *, trust_checkpoint: bool = False, max_open: int = 8) -> None:
+        self.root = root
+        self.trust_checkpoint = trust_checkpoint
+        self.max_open = max_open
+        self._open: dict[str, Any] = {}
+
+    def load(self, file: str) -> Any:
+        """The unpickled (mmapped) object of one file, cached (a few at a time)."""
+        if file not in self._open:
+            if len(self._open) >= self.max_open:
+                self._open.pop(next(iter(self._open)))
+            self._open[file] = safe_load(
+                os.path.join(self.root, file), trust_checkpoint=self.trust_checkpoint
+            )
+        return self._open[file]
+
+    def read(self, piece: Piece) -> torch.Tensor:
+        """The piece's elements as a flat view (no copy beyond the pages touched)."""
+        obj = self.load(piece.file)
+        try:
+            tensor = _get(obj, piece.key)
+        except (KeyError, IndexError, TypeError) as exc:
+            raise CheckpointError(
+                f"{os.path.join(self.root, piece.file)}: key {piece.key!r} missing"
+            ) from exc
+        if not torch.is_tensor(tensor):
+            raise CheckpointError(
+                f"{os.path.join(self.root, piece.file)}: {piece.key!r} is not a tensor"
+            )
+        flat = tensor.reshape(-1)
+        if piece.src_offset + piece.numel > flat.numel():
+            raise CheckpointError(
+                f"{os.path.join(self.root, piece.file)}: {piece.key!r} holds {flat.numel()} "
+                f"elements, the layout needs {piece.src_offset + piece.numel}; the file does not "
+                "belong to this save"
+            )
+        return flat.narrow(0, piece.src_offset, piece.numel)
+
+    def close(self) -> None:
+        """Drop every mapping."""
+        self._open.clear()
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _assemble_tp(shards: list[torch.Tensor], split: TPSplit | None) -> torch.Tensor:
+    if split is None or len(shards) == 1:
+        return shards[0]
+    if split.stride == 1:
+        return torch.cat(shards, dim=split.dim)
+    chunks = [s.chunk(split.stride, dim=split.dim) for s in shards]
+    return torch.cat([c[i] for i in range(split.stride) for c in chunks], dim=split.dim)
+
+
+def load_entry(entry: TensorEntry, reader: ShardReader) -> torch.Tensor:
+    """Materialize one logical tensor (global shape, stored dtype) from its pieces."""
+    by_rank: dict[int, list[Piece]] = {}
+    for p in entry.pieces:
+        by_rank.setdefault(p.tp_rank, []).append(p)
+    dtype = getattr(torch, entry.dtype)
+    shards: list[torch.Tensor] = []
+    ranks = sorted(by_rank) if entry.tp_split is not None else sorted(by_rank)[:1]
+    for rank in ranks:
+        pieces = by_rank[rank]
+        local_shape = pieces[0].local_shape
+        numel = _prod(local_shape)
+        out = torch.empty(numel, dtype=dtype)
+        covered = 0
+        for p in pieces:
+            out.narrow(0, p.dst_offset, p.numel).copy_(reader.read(p))
+            covered += p.numel
+        if covered != numel:
+            raise CheckpointError(
+                f"{entry.name} ({entry.role} {entry.state_key or ''}): pieces cover {covered} of "
+                f"{numel} elements of tp rank {rank}"
+            )
+        shards.append(out.view(local_shape))
+    return _assemble_tp(shards, entry.tp_split)
+
+
+def consolidate_fp32(
+    manifest: Manifest, *, include_buffers: bool = True
+) -> dict[str, torch.Tensor]:
+    """Full fp32 weights (like zero_to_fp32): masters where the optimizer has them, else the
+    stored weights upcast; buffers (floating ones upcast); tied aliases point to their source."""
+    out: dict[str, torch.Tensor] = {}
+    with ShardReader(manifest.root, trust_checkpoint=manifest.trusted) as reader:
+        if include_buffers:
+            for entry in manifest.entries(ROLE_BUFFER):
+                t = load_entry(entry, reader)
+                out[entry.name] = t.float() if t.is_floating_point() else t
+        masters = {e.name: e for e in manifest.entries(ROLE_FP32)}
+        for entry in manifest.entries(ROLE_PARAM):
+            if entry.name not in masters:
+                out[entry.name] = load_entry(entry, reader).float()
+        for name, entry in masters.items():
+            out[name] = load_entry(entry, reader).float()
+    for alias, source in manifest.aliases:
+        if source in out:
+            out[alias] = out[source]
+    return out
+
+
+def consolidate_optimizer_states(manifest: Manifest) -> dict[str, dict[str, torch.Tensor]]:
+    """Full optimizer state tensors per parameter: {param: {state_key: tensor}}."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    with ShardReader(manifest.root, trust_checkpoint=manifest.trusted) as reader:
+        for entry in manifest.entries(ROLE_OPTIM):
+            assert entry.state_key is not None
+            out.setdefault(entry.name, {})[entry.state_key] = load_entry(entry, reader)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# building the manifest
+
+
+@dataclass
+class _Files:
+    model: dict[int, str]  # mp rank -> mp_rank_XX_model_states.pt
+    z3_model: dict[tuple[int, int], str]  # (dp, mp) -> zero_pp_rank_D_mp_rank_XX_model_states.pt
+    optim: dict[tuple[int, int], str]  # (dp, mp) -> optim file
+    layers: dict[tuple[int, int], str]  # (layer, tp) -> layer file
+    bf16_prefix: bool
+    unknown: list[str]
+
+
+def _scan(tag_dir: str) -> _Files:
+    files = _Files({}, {}, {}, {}, False, [])
+    for name in sorted(os.listdir(tag_dir)):
+        if m := MODEL_RE.match(name):
+            files.model[int(m.group(1))] = name
+        elif m := Z3_MODEL_RE.match(name):
+            files.z3_model[(int(m.group(1)), int(m.group(2)))] = name
+        elif m := OPTIM_RE.match(name):
+            files.optim[(int(m.group(2)), int(m.group(3)))] = name
+            files.bf16_prefix = files.bf16_prefix or bool(m.group(1))
+        elif m := LAYER_RE.match(name):
+            files.layers[(int(m.group(1)), int(m.group(2)))] = name
+        elif EXPERT_RE.match(name):
+            raise CheckpointError(
+                f"{os.path.join(tag_dir, name)}: mixture-of-experts checkpoints are not "
+                "supported yet"
+            )
+        elif name.endswith(".pt"):
+            files.unknown.append(name)
+    return files
+
+
+class _Builder:
+    """Accumulates manifest parts while walking the files of one tag (internal)."""
+
+    def __init__(
+        self,
+        loc: CheckpointLocation,
+        trust: bool,
+        rules: Sequence[TPRule],
+    ) -> None:
+        self.loc = loc
+        self.trust = trust
+        self.rules = tuple(rules)
+        self.tag_dir = loc.tag_dir
+        self.reader = ShardReader(loc.tag_dir, trust_checkpoint=trust, max_open=4)
+        self.files = _scan(loc.tag_dir)
+        # (name, role, state_key) -> tp_rank -> list[Piece]
+        self.pieces: dict[tuple[str, str, str | None], dict[int, list[Piece]]] = {}
+        self.local_shapes: dict[tuple[str, str, str | None], dict[int, tuple[int, ...]]] = {}
+        self.dtypes: dict[tuple[str, str, str | None], str] = {}
+        self.order: list[tuple[str, str, str | None]] = []
+        self.frozen: set[str] = set()
+        self.scalars: list[ScalarState] = []
+        self.refs: list[StateRef] = []
+        self.aliases: dict[str, str] = {}
+        self.next_layer = 0  # pipeline ZeRO 0: first layer not yet given to a stage
+
+    def path(self, file: str) -> str:
+        return os.path.join(self.tag_dir, file)
+
+    def add(
+        self,
+        name: str,
+        role: str,
+        state_key: str | None,
+        piece: Piece,
+        dtype: torch.dtype,
+    ) -> None:
+        key = (name, role, state_key)
+        if key not in self.pieces:
+            self.pieces[key] = {}
+            self.local_shapes[key] = {}
+            self.order.append(key)
+            self.dtypes[key] = _dtype_name(dtype)
+        self.pieces[key].setdefault(piece.tp_rank, []).append(piece)
+        prev = self.local_shapes[key].setdefault(piece.tp_rank, piece.local_shape)
+        if prev != piece.local_shape:
+            raise CheckpointError(
+                f"{self.path(piece.file)}: {name} has shape {piece.local_shape} here but "
+                f"{prev} in another file of tp rank {piece.tp_rank}; files from different saves?"
+            )
+
+    def load(self, file: str) -> Any:
+        return self.reader.load(file)
+
+
+def _whole(
+    b: _Builder,
+    name: str,
+    role: str,
+    state_key: str | None,
+    file: str,
+    key: KeyPath,
+    tensor: torch.Tensor,
+    tp_rank: int,
+    pp_stage: int,
+    layer: int | None = None,
+) -> None:
+    b.add(
+        name,
+        role,
+        state_key,
+        Piece(
+            file=file,
+            key=key,
+            tp_rank=tp_rank,
+            numel=tensor.numel(),
+            local_shape=_shape(tensor.shape),
+            pp_stage=pp_stage,
+            layer=layer,
+        ),
+        tensor.dtype,
+    )
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
+
+
+def read_manifest(
+    path: str | os.PathLike[str],
+    *,
+    tag: str | None = None,
+    trust_checkpoint: bool = False,
+    tp_rules: Sequence[TPRule] = (),
+) -> Manifest:
+    """Read the metadata of a checkpoint and describe every tensor in it. Writes nothing.
+
+    ``tp_rules`` overrides the sidecar / ``universal_checkpoint_info`` for matching names.
+    """
+    loc = resolve_checkpoint(path, tag)
+    b = _Builder(loc, trust_checkpoint, tp_rules)
+    try:
+        return _build(b)
+    finally:
+        b.reader.close()
+
+
+def _build(b: _Builder) -> Manifest:
+    f = b.files
+    if not f.model and not f.z3_model:
+        raise CheckpointError(
+            f"{b.tag_dir}: no mp_rank_*_model_states.pt or zero_pp_rank_*_model_states.pt files; "
+            "the save is incomplete"
+        )
+    # ---- metadata from the first model file of each mp rank ----
+    zero3 = bool(f.z3_model)
+    mp_ranks = sorted({mp for _, mp in f.z3_model} if zero3 else f.model)
+    main_files = {mp: (f.z3_model.get((0, mp)) if zero3 else f.model[mp]) for mp in mp_ranks}
+    for mp, name in main_files.items():
+        if name is None:
+            raise CheckpointError(
+                f"{b.path(f'zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt')}: missing shard"
+            )
+    first = b.load(main_files[mp_ranks[0]])
+    if not isinstance(first, Mapping) or "buffer_names" not in first:
+        raise CheckpointError(
+            f"{b.path(main_files[mp_ranks[0]])}: not a DeepSpeed model-states file "
+            "(no 'buffer_names')"
+        )
+    dims = first.get("checkpoint_parallel_dimensions") or {}
+    meta_dp = int(first.get("dp_world_size", 1) or 1)
+    meta_mp = int(first.get("mp_world_size", 1) or 1)
+    meta_tp = int(dims.get("tp_degree", 0) or 0)
+    meta_pp = int(dims.get("pp_degree", 0) or 0)
+    pipeline = bool(f.layers)
+    tp_from_layers = len({tp for _, tp in f.layers}) if pipeline else 0
+    if not meta_tp or not meta_pp:  # older DeepSpeed: infer from names
+        meta_tp = tp_from_layers or (meta_mp if not pipeline else 1)
+        meta_pp = meta_mp // meta_tp if meta_tp else 1
+    # zero stage
+    optim_sd0 = None
+    if f.optim:
+        optim_sd0 = b.load(f.optim[min(f.optim)])
+        osd = optim_sd0.get("optimizer_state_dict", {}) if isinstance(optim_sd0, Mapping) else {}
+        stage_val = osd.get("zero_stage")
+        if stage_val is None:
+            zero_stage, wrapper = 0, "bf16_optimizer"
+        else:
+            zero_stage, wrapper = int(stage_val), "zero"
+    else:
+        zero_stage = 0
+        opt = first.get("optimizer")
+        wrapper = "none"
+        if isinstance(opt, Mapping) and "fp32_groups" in opt:
+            wrapper = "fp16_optimizer"
+    if zero3 and zero_stage != 3:
+        raise CheckpointError(
+            f"{b.tag_dir}: has ZeRO-3 model files but optimizer files say stage {zero_stage}; "
+            "files from different saves?"
+        )
+    file_dp = (
+        len({dp for dp, _ in f.optim})
+        if f.optim
+        else (len({dp for dp, _ in f.z3_model}) if zero3 else None)
+    )
+    problems = []
+    if meta_tp * meta_pp != meta_mp:
+        problems.append(f"mp_world_size={meta_mp} but tp_degree*pp_degree={meta_tp * meta_pp}")
+    if len(mp_ranks) != meta_mp:
+        problems.append(f"mp_world_size={meta_mp} but {len(mp_ranks)} model-parallel ranks on disk")
+    if pipeline and tp_from_layers != meta_tp:
+        problems.append(f"tp_degree={meta_tp} but layer files for {tp_from_layers} tp ranks")
+    if file_dp is not None and file_dp != meta_dp:
+        problems.append(f"dp_world_size={meta_dp} but ZeRO files for {file_dp} dp ranks")
+    if problems:
+        raise CheckpointError(
+            f"{b.tag_dir}: DeepSpeed's metadata disagrees with the files present: "
+            + "; ".join(problems)
+            + " (a shard is missing or files from different saves are mixed)"
+        )
+    sidecar = read_sidecar(b.tag_dir)
+    if sidecar is not None:
+        mism = [
+            f"{k}: sidecar {a} vs deepspeed {c}"
+            for k, a, c in (
+                ("tp", sidecar.tp, meta_tp),
+                ("pp", sidecar.pp, meta_pp),
+                ("dp", sidecar.dp, meta_dp),
+                ("zero_stage", sidecar.zero_stage, zero_stage),
+            )
+            if a != c
+        ]
+        if mism:
+            raise CheckpointError(
+                f"{b.path(SIDECAR_NAME)}: disagrees with DeepSpeed's own metadata "
+                f"({'; '.join(mism)}); "
+                "the sidecar belongs to another save: delete it or rewrite it"
+            )
+    topo = SourceTopology(
+        tp=meta_tp,
+        pp=meta_pp,
+        dp=meta_dp,
+        zero_stage=zero_stage,
+        source="sidecar" if sidecar is not None else "deepspeed",
+    )
+    # expected files present?
+    for mp in range(topo.mp):
+        for dp in range(topo.dp):
+            if zero3 and (dp, mp) not in f.z3_model:
+                raise CheckpointError(
+                    f"{b.path(f'zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt')}: "
+                    "missing shard "
+                    f"(expected {topo.dp} dp x {topo.mp} mp model files)"
+                )
+            if zero_stage >= 1 or wrapper == "bf16_optimizer":
+                if (dp, mp) not in f.optim:
+                    prefix = "bf16_" if f.bf16_prefix else ""
+                    raise CheckpointError(
+                        f"{b.path(f'{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt')}: "
+                        f"missing shard (expected {topo.dp} dp x {topo.mp} mp optimizer files)"
+                    )
+        if not zero3 and mp not in f.model:
+            raise CheckpointError(f"{b.path(f'mp_rank_{mp:02d}_model_states.pt')}: missing shard")
+    # consistency across saves
+    steps: dict[str, Any] = {}
+    for mp in mp_ranks:
+        names = [main_files[mp]] + (
+            [f.z3_model[(dp, mp)] for dp in range(1, topo.dp)] if zero3 else []
+        )
+        for name in names:
+            sd = b.load(name)
+            if not isinstance(sd, Mapping) or "buffer_names" not in sd:
+                raise CheckpointError(f"{b.path(name)}: not a DeepSpeed model-states file")
+            steps[name] = (sd.get("global_steps"), sd.get("global_samples"), sd.get("ds_version"))
+    if len(set(steps.values())) > 1:
+        detail = ", ".join(f"{n}: global_steps={v[0]}" for n, v in steps.items())
+        raise CheckpointError(
+            f"{b.tag_dir}: files come from different saves ({detail}); "
+            "re-copy the tag from one save"
+        )
+    global_steps = first.get("global_steps")
+    m = TAG_HINT.match(b.loc.tag)
+    if m and global_steps is not None and int(m.group(1)) != int(global_steps):
+        raise CheckpointError(
+            f"{b.path(main_files[mp_ranks[0]])}: says global_steps={global_steps} but lies in tag "
+            f"{b.loc.tag!r}; files from different saves?"
+        )
+    uc_info = first.get("universal_checkpoint_info")
+
+    # ---- per mp rank: parameters, buffers, masters, optimizer states ----
+    model_dtype = None
+    for mp in mp_ranks:
+        pp_stage, tp_rank = divmod(mp, topo.tp)
+        sd = b.load(main_files[mp])
+        buffer_names = list(sd.get("buffer_names") or [])
+        shared = sd.get("shared_params") or {}
+        for alias, source in shared.items():
+            b.aliases.setdefault(alias, source)
+        param_shapes = sd.get("param_shapes")
+        frozen_shapes = sd.get("frozen_param_shapes") or {}
+        b.frozen.update(frozen_shapes)
+        trainable: list[tuple[int, str, tuple[int, ...]]] = []  # (group, name, shape)
+        if param_shapes:
+            for g, group in enumerate(param_shapes):
+                for name, shape in group.items():
+                    trainable.append((g, name, _shape(shape)))
+        module_params = _module_params(
+            b, sd, main_files[mp], tp_rank, pp_stage, pipeline, buffer_names
+        )
+        if zero_stage == 3:
+            _zero3_frozen(b, f, mp, topo, tp_rank, pp_stage, frozen_shapes)
+        else:
+            for name, (file, key, tensor, layer) in module_params.items():
+                if name in b.aliases:
+                    continue
+                _whole(b, name, ROLE_PARAM, None, file, key, tensor, tp_rank, pp_stage, layer)
+                if model_dtype is None or tensor.is_floating_point():
+                    model_dtype = _dtype_name(tensor.dtype)
+        if zero_stage == 3:
+            model_dtype = model_dtype or _z3_model_dtype(b, f, mp)
+        trainable_names = {n for _, n, _ in trainable}
+        if param_shapes:
+            for name in module_params:
+                if name not in trainable_names and name not in b.aliases:
+                    b.frozen.add(name)
+        # optimizer
+        if f.optim and zero_stage in (1, 2) or wrapper == "bf16_optimizer":
+            _zero12_optim(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
+        elif zero_stage == 3:
+            _zero3_optim(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
+        else:
+            _zero0_optim(b, sd, main_files[mp], tp_rank, pp_stage, module_params)
+        # non-tensor state (first tp rank of each stage is enough; record all for copying)
+        for key in DS_CARRIED_KEYS:
+            if key in sd:
+                b.refs.append(
+                    StateRef(name=key, file=main_files[mp], key=(key,), summary=_summary(sd[key]))
+                )
+        for key in sd:
+            if key not in DS_MODEL_KEYS:
+                b.refs.append(
+                    StateRef(
+                        name=f"client:{key}",
+                        file=main_files[mp],
+                        key=(key,),
+                        summary=_summary(sd[key]),
+                    )
+                )
+
+    tensors = _finish(b, sidecar, uc_info, topo)
+    client_keys = tuple(k for k in first if k not in DS_MODEL_KEYS)
+    layout = b.loc.layout if not pipeline else f"{b.loc.layout}-pipeline"
+    all_files = sorted(
+        [*f.model.values(), *f.z3_model.values(), *f.optim.values(), *f.layers.values()]
+    )
+    return Manifest(
+        root=b.tag_dir,
+        layout=layout,
+        tag=b.loc.tag,
+        topology=topo,
+        model_dtype=model_dtype or "unknown",
+        optimizer_wrapper=wrapper,
+        tensors=tensors,
+        scalars=tuple(b.scalars),
+        state_refs=tuple(b.refs),
+        aliases=tuple(sorted(b.aliases.items())),
+        files=tuple(all_files),
+        client_state_keys=client_keys,
+        global_steps=int(global_steps) if global_steps is not None else None,
+        ds_version=first.get("ds_version"),
+        trusted=b.trust,
+        extra={
+            "bf16_prefixed_files": f.bf16_prefix,
+            "frozen": tuple(sorted(b.frozen)),
+            "client_summary": {k: _summary(first[k]) for k in client_keys},
+            "client_scalars": {
+                k: first[k] for k in client_keys if isinstance(first[k], (int, float, str, bool))
+            },
+        },
+    )
+
+
+def _z3_model_dtype(b: _Builder, f: _Files, mp: int) -> str:
+    sd = b.load(f.z3_model[(0, mp)])
+    buffers = set(sd.get("buffer_names") or [])
+    for name, t in (sd.get("module") or {}).items():
+        if name not in buffers and torch.is_tensor(t) and t.is_floating_point():
+            return _dtype_name(t.dtype)
+    return "unknown"
+
+
+def _module_params(
+    b: _Builder,
+    sd: Mapping[str, Any],
+    file: str,
+    tp_rank: int,
+    pp_stage: int,
+    pipeline: bool,
+    buffer_names: list[str],
+) -> dict[str, tuple[str, KeyPath, torch.Tensor, int | None]]:
+    """name -> (file, key path, tensor, layer) for every module parameter; records buffers."""
+    out: dict[str, tuple[str, KeyPath, torch.Tensor, int | None]] = {}
+    buffers = set(buffer_names)
+    if not pipeline:
+        module = sd.get("module")
+        if not isinstance(module, Mapping):
+            raise CheckpointError(f"{b.path(file)}: 'module' is missing")
+        seen: dict[Any, str] = {}
+        for name, tensor in module.items():
+            if not torch.is_tensor(tensor):
+                continue
+            if name in buffers:
+                _whole(
+                    b, name, ROLE_BUFFER, None, file, ("module", name), tensor, tp_rank, pp_stage
+                )
+                continue
+            if tensor.numel() > 0:
+                skey = _storage_key(tensor)
+                if skey in seen and name not in b.aliases:
+                    b.aliases[name] = seen[skey]  # tied weight saved twice (ZeRO 0 has no list)
+                seen.setdefault(skey, name)
+            out[name] = (file, ("module", name), tensor, None)
+        return out
+    # pipeline: this stage's layers are the layer files named by its params / buffers
+    layer_ids = sorted({layer for layer, tp in b.files.layers if tp == tp_rank})
+    stage_layers = _stage_layers(b, sd, layer_ids, buffer_names)
+    for layer in stage_layers:
+        lfile = b.files.layers[(layer, tp_rank)]
+        lsd = b.load(lfile)
+        for local, tensor in lsd.items():
+            if not torch.is_tensor(tensor):
+                continue
+            name = f"{layer}.{local}"
+            if name in buffers:
+                _whole(
+                    b, name, ROLE_BUFFER, None, lfile, (local,), tensor, tp_rank, pp_stage, layer
+                )
+            else:
+                out[name] = (lfile, (local,), tensor, layer)
+    return out
+
+
+def _stage_layers(
+    b: _Builder, sd: Mapping[str, Any], layer_ids: list[int], buffer_names: list[str]
+) -> list[int]:
+    """Which pipeline layers a stage holds, from its param_shapes / buffers / optimizer."""
+    owned: set[int] = set()
+    for group in sd.get("param_shapes") or []:
+        owned.update(int(n.split(".", 1)[0]) for n in group)
+    owned.update(int(n.split(".", 1)[0]) for n in buffer_names if n.split(".", 1)[0].isdigit())
+    opt = sd.get("optimizer")
+    if not owned and not opt:
+        raise CheckpointError(
+            f"{b.tag_dir}: cannot tell which pipeline layers each stage holds (no param_shapes, "
+            "buffers or optimizer state); add a lightning_reshape.json sidecar"
+        )
+    if opt and not sd.get("param_shapes"):
+        # ZeRO 0: stages hold contiguous runs of layers in order and the stage's optimizer
+        # lists its parameters; take the run after the previous stage's whose count matches.
+        inner = opt.get("optimizer_state_dict", opt)
+        n_params = sum(len(g["params"]) for g in inner.get("param_groups") or [])
+        start = b.next_layer
+        buffers = set(buffer_names)
+        run, total = [], 0
+        for layer in (x for x in layer_ids if x >= start):
+            if total == n_params and run:
+                break
+            lsd = b.load(b.files.layers[(layer, 0)])
+            run.append(layer)
+            total += sum(
+                1 for k, v in lsd.items() if torch.is_tensor(v) and f"{layer}.{k}" not in buffers
+            )
+        if total != n_params:
+            raise CheckpointError(
+                f"{b.tag_dir}: cannot match pipeline layers to stages from the optimizer state; "
+                "add a lightning_reshape.json sidecar"
+            )
+        b.next_layer = run[-1] + 1 if run else start
+        return run
+    return sorted(owned)
+
+
+def _zero3_frozen(
+    b: _Builder,
+    f: _Files,
+    mp: int,
+    topo: SourceTopology,
+    tp_rank: int,
+    pp_stage: int,
+    frozen_shapes: Mapping[str, Any],
+) -> None:
+    for name, shape in frozen_shapes.items():
+        shape_t = _shape(shape)
+        numel = _prod(shape_t)
+        part = math.ceil(numel / topo.dp)
+        for dp in range(topo.dp):
+            file = f.z3_model[(dp, mp)]
+            frag = b.load(file).get("frozen_param_fragments", {}).get(name)
+            if frag is None:
+                raise CheckpointError(f"{b.path(file)}: frozen parameter {name} fragment missing")
+            take = max(0, min(part, numel - dp * part))
+            if take:
+                b.add(
+                    name,
+                    ROLE_PARAM,
+                    None,
+                    Piece(
+                        file=file,
+                        key=("frozen_param_fragments", name),
+                        tp_rank=tp_rank,
+                        numel=take,
+                        src_offset=0,
+                        dst_offset=dp * part,
+                        local_shape=shape_t,
+                        pp_stage=pp_stage,
+                        dp_rank=dp,
+                    ),
+                    frag.dtype,
+                )
+
+
+def _flat_state_keys(state: Mapping[Any, Any], g: int, numel: int) -> tuple[list[str], list[str]]:
+    """(flat tensor keys, scalar keys) of a flat group's optimizer state."""
+    st = state.get(g, {})
+    flat, scalar = [], []
+    for k, v in st.items():
+        if torch.is_tensor(v) and v.dim() >= 1 and v.numel() == numel:
+            flat.append(k)
+        else:
+            scalar.append(k)
+    return flat, scalar
+
+
+def _zero12_optim(
+    b: _Builder,
+    f: _Files,
+    mp: int,
+    topo: SourceTopology,
+    tp_rank: int,
+    pp_stage: int,
+    param_shapes: Sequence[Mapping[str, Any]] | None,
+) -> None:
+    if not param_shapes:
+        raise CheckpointError(
+            f"{b.path(f'mp_rank_{mp:02d}_model_states.pt')}: ZeRO optimizer files present but no "
+            "param_shapes in the model file; files from different saves?"
+        )
+    sds = {dp: b.load(f.optim[(dp, mp)]) for dp in range(topo.dp)}
+    osd0 = sds[0]["optimizer_state_dict"]
+    n_groups = len(osd0["single_partition_of_fp32_groups"])
+    if n_groups != len(param_shapes):
+        raise CheckpointError(
+            f"{b.path(f.optim[(0, mp)])}: {n_groups} flat groups but the model file lists "
+            f"{len(param_shapes)}; files from different saves?"
+        )
+    align_pads = osd0.get("param_alignment_paddings")
+    steps_seen: dict[str, Any] = {}
+    for g, group in enumerate(param_shapes):
+        # partition size: every rank's partition is the same length before padding is stripped
+        parts = {}
+        for dp, sd in sds.items():
+            osd = sd["optimizer_state_dict"]
+            t = osd["single_partition_of_fp32_groups"][g]
+            pad = (osd.get("group_paddings") or [0] * n_groups)[g]
+            parts[dp] = (t, pad)
+        psize = parts[0][0].numel() + parts[0][1]
+        if any(t.numel() + pad != psize for t, pad in parts.values()):
+            raise CheckpointError(
+                f"{b.path(f.optim[(0, mp)])}: ZeRO partitions of group {g} have different sizes "
+                "across dp ranks; files from different saves?"
+            )
+        offsets: dict[str, tuple[int, int, tuple[int, ...]]] = {}
+        off = 0
+        for i, (name, shape) in enumerate(group.items()):
+            shape_t = _shape(shape)
+            n = _prod(shape_t)
+            offsets[name] = (off, n, shape_t)
+            off += n
+            if align_pads is not None:
+                off += align_pads[g][i]
+        if off > psize * topo.dp:
+            raise CheckpointError(
+                f"{b.path(f.optim[(0, mp)])}: group {g} needs {off} elements but the partitions "
+                f"hold {psize * topo.dp}; files from different saves?"
+            )
+        for dp, sd in sds.items():
+            file = f.optim[(dp, mp)]
+            osd = sd["optimizer_state_dict"]
+            flat = parts[dp][0]
+            base_state = osd["base_optimizer_state"]["state"]
+            flat_keys, scalar_keys = _flat_state_keys(base_state, g, flat.numel())
+            for k in scalar_keys:
+                val = _scalar(base_state[g][k])
+                b.scalars.append(
+                    ScalarState(
+                        owner=f"mp{mp}.group{g}",
+                        state_key=k,
+                        value=val,
+                        file=file,
+                        key=("optimizer_state_dict", "base_optimizer_state", "state", g, k),
+                    )
+                )
+                if k == "step":
+                    steps_seen.setdefault(f"group{g}", set()).add((val, file))
+            lo, hi = dp * psize, dp * psize + flat.numel()
+            for name, (poff, n, shape_t) in offsets.items():
+                s, e = max(poff, lo), min(poff + n, hi)
+                if s >= e:
+                    continue
+                common = {
+                    "tp_rank": tp_rank,
+                    "numel": e - s,
+                    "src_offset": s - lo,
+                    "dst_offset": s - poff,
+                    "local_shape": shape_t,
+                    "pp_stage": pp_stage,
+                    "dp_rank": dp,
+                    "flat_group": g,
+                }
+                b.add(
+                    name,
+                    ROLE_FP32,
+                    None,
+                    Piece(
+                        file=file,
+                        key=("optimizer_state_dict", "single_partition_of_fp32_groups", g),
+                        **common,
+                    ),
+                    flat.dtype,
+                )
+                for k in flat_keys:
+                    b.add(
+                        name,
+                        ROLE_OPTIM,
+                        k,
+                        Piece(
+                            file=file,
+                            key=("optimizer_state_dict", "base_optimizer_state", "state", g, k),
+                            **common,
+                        ),
+                        base_state[g][k].dtype,
+                    )
+    _check_steps(b, steps_seen)
+    for dp, sd in sds.items():
+        _optim_refs(b, f.optim[(dp, mp)], sd["optimizer_state_dict"], ("optimizer_state_dict",))
+
+
+def _check_steps(b: _Builder, steps_seen: Mapping[str, set[tuple[Any, str]]]) -> None:
+    for group, seen in steps_seen.items():
+        values = {v for v, _ in seen}
+        if len(values) > 1:
+            detail = ", ".join(f"{b.path(fl)}: step={v}" for v, fl in sorted(seen, key=str))
+            raise CheckpointError(
+                f"optimizer files disagree on the step count of {group} ({detail}); files from "
+                "different saves are mixed in one tag"
+            )
+
+
+def _optim_refs(b: _Builder, file: str, osd: Mapping[str, Any], prefix: KeyPath) -> None:
+    for k in OPTIM_CARRIED_KEYS:
+        if k in osd:
+            b.refs.append(
+                StateRef(
+                    name=f"optimizer:{k}", file=file, key=(*prefix, k), summary=_summary(osd[k])
+                )
+            )
+    for inner in ("base_optimizer_state", "optimizer_state_dict"):
+        if isinstance(osd.get(inner), Mapping) and "param_groups" in osd[inner]:
+            b.refs.append(
+                StateRef(
+                    name="optimizer:param_groups",
+                    file=file,
+                    key=(*prefix, inner, "param_groups"),
+                    summary=_summary(osd[inner]["param_groups"]),
+                )
+            )
+
+
+def _zero3_optim(
+    b: _Builder,
+    f: _Files,
+    mp: int,
+    topo: SourceTopology,
+    tp_rank: int,
+    pp_stage: int,
+    param_shapes: Sequence[Mapping[str, Any]] | None,
+) -> None:
+    if not param_shapes:
+        raise CheckpointError(f"{b.tag_dir}: ZeRO-3 model files lack param_shapes")
+    ordered = [(n, _shape(s)) for group in param_shapes for n, s in group.items()]
+    steps_seen: dict[str, Any] = {}
+    for dp in range(topo.dp):
+        file = f.optim[(dp, mp)]
+        osd = b.load(file)["optimizer_state_dict"]
+        groups = osd["fp32_flat_groups"]
+        inner = osd["optimizer_state_dict"]["state"]
+        bounds = [0]
+        for t in groups:
+            bounds.append(bounds[-1] + t.numel())
+        flat_keys: dict[int, list[str]] = {}
+        for g, t in enumerate(groups):
+            fk, sk = _flat_state_keys(inner, g, t.numel())
+            flat_keys[g] = fk
+            for k in sk:
+                val = _scalar(inner[g][k])
+                b.scalars.append(
+                    ScalarState(
+                        owner=f"mp{mp}.group{g}",
+                        state_key=k,
+                        value=val,
+                        file=file,
+                        key=("optimizer_state_dict", "optimizer_state_dict", "state", g, k),
+                    )
+                )
+                if k == "step":
+                    steps_seen.setdefault(f"group{g}", set()).add((val, file))
+        cursor = 0
+        for name, shape in ordered:
+            n = _prod(shape)
+            part = math.ceil(n / topo.dp)
+            take = max(0, min(part, n - dp * part))
+            # the rank's partition of this param sits at [cursor, cursor + part) of the flat
+            # buffer (concatenated over sub-groups); split it at sub-group boundaries
+            pos, done = cursor, 0
+            while done < take:
+                g = next(i for i in range(len(groups)) if bounds[i] <= pos < bounds[i + 1])
+                chunk = min(take - done, bounds[g + 1] - pos)
+                common = {
+                    "tp_rank": tp_rank,
+                    "numel": chunk,
+                    "src_offset": pos - bounds[g],
+                    "dst_offset": dp * part + done,
+                    "local_shape": shape,
+                    "pp_stage": pp_stage,
+                    "dp_rank": dp,
+                    "flat_group": g,
+                }
+                b.add(
+                    name,
+                    ROLE_FP32,
+                    None,
+                    Piece(file=file, key=("optimizer_state_dict", "fp32_flat_groups", g), **common),
+                    groups[g].dtype,
+                )
+                for k in flat_keys[g]:
+                    b.add(
+                        name,
+                        ROLE_OPTIM,
+                        k,
+                        Piece(
+                            file=file,
+                            key=("optimizer_state_dict", "optimizer_state_dict", "state", g, k),
+                            **common,
+                        ),
+                        inner[g][k].dtype,
+                    )
+                pos += chunk
+                done += chunk
+            cursor += part
+        if cursor > bounds[-1]:
+            raise CheckpointError(
+                f"{b.path(file)}: parameters need {cursor} elements but the flat groups hold "
+                f"{bounds[-1]}; files from different saves?"
+            )
+        _optim_refs(b, file, osd, ("optimizer_state_dict",))
+    _check_steps(b, steps_seen)
+
+
+def _zero0_optim(
+    b: _Builder,
+    sd: Mapping[str, Any],
+    file: str,
+    tp_rank: int,
+    pp_stage: int,
+    module_params: Mapping[str, tuple[str, KeyPath, torch.Tensor, int | None]],
+) -> None:
+    """ZeRO 0: a plain torch optimizer state dict (or FP16_Optimizer's wrapper of one)."""
+    opt = sd.get("optimizer")
+    if not isinstance(opt, Mapping):
+        # no optimizer saved: the fp32 master is the module weight
+        return
+    if "optimizer_state_dict" in opt:  # FP16_Optimizer / bf16 without ZeRO
+        inner_key: KeyPath = ("optimizer", "optimizer_state_dict")
+        inner = opt["optimizer_state_dict"]
+        fp32_groups = opt.get("fp32_groups") or opt.get("fp32_groups_flat")
+    else:
+        inner_key, inner, fp32_groups = ("optimizer",), opt, None
+    state = inner.get("state", {})
+    indices = [i for g in inner.get("param_groups", []) for i in g["params"]]
+    candidates = [
+        (n, v) for n, v in module_params.items() if n not in b.aliases and v[2].numel() > 0
+    ]
+    fp32_list: list[tuple[KeyPath, torch.Tensor]] = []
+    if fp32_groups is not None:
+        for g, grp in enumerate(fp32_groups):
+            if torch.is_tensor(grp):
+                raise CheckpointError(
+                    f"{b.path(file)}: flat fp16 optimizer groups are not supported"
+                )
+            for i, t in enumerate(grp):
+                fp32_list.append(((*inner_key[:-1], "fp32_groups", g, i), t))
+    # match optimizer indices (in order) to module parameters (in order) by shape
+    ci = 0
+    for pos, idx in enumerate(indices):
+        ref_shape = None
+        st = state.get(idx, {})
+        for v in st.values():
+            if torch.is_tensor(v) and v.dim() >= 1:
+                ref_shape = _shape(v.shape)
+                break
+        if ref_shape is None and pos < len(fp32_list):
+            ref_shape = _shape(fp32_list[pos][1].shape)
+        while ci < len(candidates):
+            name, (_, _, tensor, _) = candidates[ci]
+            ci += 1
+            if ref_shape is None or _shape(tensor.shape) == ref_shape:
+                break
+            b.frozen.add(name)
+        else:
+            raise CheckpointError(
+                f"{b.path(file)}: cannot match optimizer parameter {idx} (shape {ref_shape}) to a "
+                "module parameter; add a lightning_reshape.json sidecar"
+            )
+        if pos < len(fp32_list):
+            key, t = fp32_list[pos]
+            _whole(b, name, ROLE_FP32, None, file, key, t, tp_rank, pp_stage)
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() >= 1:
+                _whole(
+                    b,
+                    name,
+                    ROLE_OPTIM,
+                    k,
+                    file,
+                    (*inner_key, "state", idx, k),
+                    v,
+                    tp_rank,
+                    pp_stage,
+                )
+            else:
+                b.scalars.append(
+                    ScalarState(
+                        owner=name,
+                        state_key=k,
+                        value=_scalar(v),
+                        file=file,
+                        key=(*inner_key, "state", idx, k),
+                    )
+                )
+    for name, _ in candidates[ci:]:
+        b.frozen.add(name)
+    _optim_refs(b, file, opt, ("optimizer",))
+
+
+def _finish(
+    b: _Builder,
+    sidecar: Sidecar | None,
+    uc_info: Mapping[str, Any] | None,
+    topo: SourceTopology,
+) -> tuple[TensorEntry, ...]:
+    """Attach tensor-parallel split info and global shapes; refuse to guess."""
+    splits: dict[str, TPSplit | None] = {}
+    for key in b.order:
+        name = key[0]
+        if name in splits:
+            continue
+        ranks = b.local_shapes[key]
+        if topo.tp == 1 or len(ranks) == 1:
+            splits[name] = None
+            continue
+        known, split = _split_for(name, sidecar, b.rules, uc_info)
+        if not known:
+            split = _prove_replicated(b, name)
+        splits[name] = split
+    out = []
+    for key in b.order:
+        name, role, state_key = key
+        split = splits[name]
+        by_rank = b.pieces[key]
+        if topo.tp > 1 and len(by_rank) not in (1, topo.tp):
+            raise CheckpointError(
+                f"{b.tag_dir}: {name} ({role}) found on {len(by_rank)} of {topo.tp} tp ranks"
+            )
+        local = [b.local_shapes[key][r] for r in sorted(by_rank)]
+        if split is None and len(set(local)) > 1:
+            raise CheckpointError(
+                f"{b.tag_dir}: {name} is marked replicated but its shards differ in shape "
+                f"across tp ranks ({local}); fix its tensor-parallel rule"
+            )
+        pieces = tuple(
+            Piece(**{**p.__dict__, "tp_split": split})
+            for r in sorted(by_rank)
+            for p in sorted(by_rank[r], key=lambda p: p.dst_offset)
+        )
+        out.append(
+            TensorEntry(
+                name=name,
+                role=role,
+                state_key=state_key,
+                shape=_global_shape(local, split),
+                dtype=b.dtypes[key],
+                pieces=pieces,
+                tp_split=split,
+                frozen=name in b.frozen,
+            )
+        )
+    return tuple(out)
+
+
+def _prove_replicated(b: _Builder, name: str) -> None:
+    """With no split info, a parameter is accepted only if every tp shard is identical."""
+    key = (
+        (name, ROLE_PARAM, None)
+        if (name, ROLE_PARAM, None) in b.pieces
+        else (name, ROLE_FP32, None)
+    )
+    if key not in b.pieces:
+        key = next(k for k in b.order if k[0] == name)
+    shapes = b.local_shapes[key]
+    hint = (
+        f"tensor-parallel split of {name!r} is unknown and its shards differ across tp ranks; "
+        "record it in the lightning_reshape.json sidecar (written by the strategy), or pass a "
+        f"rule such as TPRule({name!r}, TPSplit(dim=0)) (CLI: --tp-rule) or "
+        f"TPRule({name!r}, None) if it is replicated"
+    )
+    if len(set(shapes.values())) > 1:
+        raise CheckpointError(f"{b.tag_dir}: {hint} (shapes {sorted(shapes.items())})")
+    entry = TensorEntry(
+        name=name, role=key[1], shape=(), dtype=b.dtypes[key], pieces=(), state_key=key[2]
+    )
+    ref = None
+    for rank, pieces in sorted(b.pieces[key].items()):
+        t = load_entry(
+            TensorEntry(**{**entry.__dict__, "pieces": tuple(pieces)}),
+            b.reader,
+        )
+        if ref is None:
+            ref = t
+        elif not torch.equal(ref, t):
+            raise CheckpointError(f"{b.tag_dir}: {hint} (tp rank {rank} differs from tp rank 0)")
+    return None
