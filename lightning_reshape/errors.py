@@ -20,3 +20,8 @@ class CheckpointError(ReshapeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint holds a pickled type outside the allow-list."""
+
+
+class LayoutError(ReshapeError, ValueError):
+    """Sizes, degrees or options from which no DeepSpeed layout (ZeRO partitions, pipeline
+    stages) can be computed."""
