@@ -23,6 +23,12 @@ from types import MappingProxyType
 from typing import Literal
 
 from lightning_reshape.errors import LayoutError
+from lightning_reshape.topology.reshape_map import (
+    Segment,
+    overlaps,
+    padded_boundaries,
+    uniform_boundaries,
+)
 
 __all__ = [
     "NCCL_START_ALIGNMENT_FACTOR",
@@ -36,7 +42,7 @@ __all__ = [
     "Zero3Param",
     "ZeroGroupLayout",
     "bounds_from_sizes",
-    "overlap_segments",
+    "overlaps",
     "partition_balanced",
     "partition_uniform",
     "pipeline_stages",
@@ -57,19 +63,10 @@ ParamList = Sequence[tuple[str, int]]
 
 
 # --------------------------------------------------------------------------------------------
-# Generic interval overlap
+# Bounds. The overlap of two partitions of one extent is the topology layer's ``overlaps``
+# (re-exported here): reshaping any layout below is ``overlaps(old.param_bounds(name),
+# new.param_bounds(name))`` plus the fragments' partition offsets.
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Segment:
-    """One run of elements a new piece takes from an old piece: copy
-    ``old[old_index][old_offset : old_offset + length]`` to ``new[new_offset : ...]``."""
-
-    old_index: int
-    old_offset: int
-    new_offset: int
-    length: int
 
 
 def bounds_from_sizes(sizes: Sequence[int]) -> tuple[int, ...]:
@@ -90,38 +87,6 @@ def _check_bounds(name: str, bounds: Sequence[int]) -> None:
             raise LayoutError(
                 f"{name}={tuple(bounds)!r} decreases ({a} -> {b}); bounds must be sorted."
             )
-
-
-def overlap_segments(
-    old_bounds: Sequence[int], new_bounds: Sequence[int]
-) -> tuple[tuple[Segment, ...], ...]:
-    """For each new piece, the segments of old pieces that fill it, in order.
-
-    Both bound lists cut the same 1-D extent starting at 0. Their totals may differ (e.g. a ZeRO 3
-    parameter padded to a multiple of 2 at the source and of 3 at the target): only the common
-    prefix is mapped, and whatever of a new piece no segment covers lies beyond the old total,
-    i.e. is padding the caller fills with zeros. Empty pieces get no segments. Runs in
-    O(len(old) + len(new)).
-    """
-    _check_bounds("old_bounds", old_bounds)
-    _check_bounds("new_bounds", new_bounds)
-    result: list[tuple[Segment, ...]] = []
-    i = 0  # current old piece
-    n_old = len(old_bounds) - 1
-    for j in range(len(new_bounds) - 1):
-        lo, hi = new_bounds[j], new_bounds[j + 1]
-        segments: list[Segment] = []
-        while i < n_old and old_bounds[i + 1] <= lo:
-            i += 1
-        k = i
-        while k < n_old and old_bounds[k] < hi:
-            start = max(lo, old_bounds[k])
-            end = min(hi, old_bounds[k + 1])
-            if end > start:
-                segments.append(Segment(k, start - old_bounds[k], start - lo, end - start))
-            k += 1
-        result.append(tuple(segments))
-    return tuple(result)
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,9 +320,10 @@ def _slice_mappings(
 
     Names come in optimizer order. With per-parameter padding DeepSpeed passes the real flat
     offsets; without it, it recomputes offsets by summing numels in optimizer order, which
-    ignores a round-robin reordering (see the module notes in the tests: with
-    ``round_robin_gradients`` and no ``parameter_alignment`` the written mappings do not match
-    where the data is whenever the reordering moves parameters of different sizes).
+    ignores a round-robin reordering: with ``round_robin_gradients`` and no
+    ``parameter_alignment`` the written mappings do not say where the data is whenever the
+    reordering moves parameters of different sizes (seen in files DeepSpeed 0.19.8 wrote; the
+    data itself follows :meth:`ZeroGroupLayout.rank_fragments`).
     """
     if any(p.alignment_padding for p in placed):
         by_name = {p.name: p.flat_offset for p in placed}
@@ -394,9 +360,10 @@ class Zero3Param:
     sub_group: int
     offset: int
 
-    def param_bounds(self, dp: int) -> tuple[int, ...]:
-        """Bounds over the flattened (unpadded) parameter of the piece each rank holds."""
-        return tuple(min(r * self.partition_numel, self.numel) for r in range(dp + 1))
+    def param_bounds(self) -> tuple[int, ...]:
+        """Bounds over the flattened (unpadded) parameter of the piece each rank holds: pieces of
+        ``partition_numel``, the last one(s) short or empty where the padding is."""
+        return tuple(padded_boundaries(self.numel, self.padded_numel // self.partition_numel))
 
 
 @dataclass(frozen=True)
@@ -419,6 +386,10 @@ class Zero3Layout:
                 return p
         raise LayoutError(f"parameter {name!r} is not in this ZeRO 3 layout.")
 
+    def param_bounds(self, name: str) -> tuple[int, ...]:
+        """Bounds over the flattened parameter of the piece each rank holds (as for ZeRO 1/2)."""
+        return self.param(name).param_bounds()
+
     def sub_group_params(self, sub_group: int) -> tuple[Zero3Param, ...]:
         """The parameters of one fp32 flat group, in order (one ``param_shapes`` dict)."""
         return tuple(p for p in self.params if p.sub_group == sub_group)
@@ -427,7 +398,7 @@ class Zero3Layout:
         """Every rank's non-empty piece of one parameter; ``partition_start`` is the offset in
         that rank's fp32 flat group ``sub_group``. Ranks holding only padding are left out."""
         p = self.param(name)
-        bounds = p.param_bounds(self.dp)
+        bounds = p.param_bounds()
         return tuple(
             Fragment(name, r, bounds[r], p.offset, bounds[r + 1] - bounds[r])
             for r in range(self.dp)
@@ -499,10 +470,7 @@ def partition_uniform(num_items: int, num_parts: int) -> tuple[int, ...]:
     _check_degree("num_parts", num_parts)
     if num_items < 0:
         raise LayoutError(f"num_items={num_items} must be >= 0.")
-    if num_items <= num_parts:
-        return tuple(min(p, num_items) for p in range(num_parts + 1))
-    chunk, residual = divmod(num_items, num_parts)
-    return tuple(p * chunk + min(p, residual) for p in range(num_parts + 1))
+    return tuple(uniform_boundaries(num_items, num_parts))
 
 
 def partition_balanced(weights: Sequence[int], num_parts: int) -> tuple[int, ...]:

@@ -20,11 +20,10 @@ import torch
 
 from lightning_reshape.checkpoint.zero_layout import (
     PipelineStages,
-    Segment,
     SliceAddress,
     ZeroGroupLayout,
     bounds_from_sizes,
-    overlap_segments,
+    overlaps,
     partition_balanced,
     partition_uniform,
     pipeline_stages,
@@ -291,7 +290,7 @@ def test_zero3_layout_matches_deepspeed(ds_runs, dp: int) -> None:
         for p in layout.params:
             # Only the real elements: DeepSpeed leaves a ZeRO 3 partition's padding
             # uninitialised (torch.empty), so it holds arbitrary values, not zeros.
-            lo, hi = p.param_bounds(dp)[r : r + 2]
+            lo, hi = p.param_bounds()[r : r + 2]
             got = flats[p.sub_group][p.offset : p.offset + hi - lo]
             assert torch.equal(got, ref[p.name].flatten()[lo:hi]), (dp, r, p)
             frags = [f for f in layout.fragments(p.name) if f.rank == r]
@@ -381,63 +380,62 @@ def test_zero3_sub_groups() -> None:
     assert layout.sub_group_to_group == (0, 0, 1)
     whole = zero3_layout(groups, 2, sub_group_size=None)
     assert whole.sub_group_numels == (11, 3)
-    assert zero3_layout(groups, 3).param("c").param_bounds(3) == (0, 3, 6, 7)
+    assert zero3_layout(groups, 3).param("c").param_bounds() == (0, 3, 6, 7)
 
 
-def test_overlap_segments() -> None:
-    assert overlap_segments((0, 4, 8), (0, 3, 6, 8)) == (
-        (Segment(0, 0, 0, 3),),
-        (Segment(0, 3, 0, 1), Segment(1, 0, 1, 2)),
-        (Segment(1, 2, 0, 2),),
-    )
-    # Totals may differ (padding); empty pieces get nothing.
-    assert overlap_segments((0, 4, 4, 7), (0, 5, 10)) == (
-        (Segment(0, 0, 0, 4), Segment(2, 0, 4, 1)),
-        (Segment(2, 1, 0, 2),),
-    )
-    rng = random.Random(1)
-    for _ in range(200):
-        total = rng.randint(0, 30)
-        old = bounds_from_sizes(_random_sizes(rng, total))
-        new = bounds_from_sizes(_random_sizes(rng, total))
-        flat = list(range(total))
-        old_pieces = [flat[a:b] for a, b in zip(old[:-1], old[1:], strict=True)]
-        for j, segs in enumerate(overlap_segments(old, new)):
-            rebuilt = [None] * (new[j + 1] - new[j])
-            for s in segs:
-                chunk = old_pieces[s.old_index][s.old_offset : s.old_offset + s.length]
-                rebuilt[s.new_offset : s.new_offset + s.length] = chunk
-            assert rebuilt == flat[new[j] : new[j + 1]]
-    with pytest.raises(LayoutError):
-        overlap_segments((1, 2), (0, 2))
+def test_bounds_from_sizes() -> None:
+    assert bounds_from_sizes([3, 0, 4]) == (0, 3, 3, 7)
+    assert bounds_from_sizes([]) == (0,)
+    with pytest.raises(LayoutError, match="negative"):
+        bounds_from_sizes([1, -1])
 
 
-def _random_sizes(rng: random.Random, total: int) -> list[int]:
-    cuts = sorted(rng.randint(0, total) for _ in range(rng.randint(0, 4)))
-    return [b - a for a, b in zip([0, *cuts], [*cuts, total], strict=True)]
+def _scatter(layout, data: dict[str, list[int]], sizes: list[int]) -> list[list[int]]:
+    parts = [[0] * size for size in sizes]
+    for name, values in data.items():
+        for f in layout.fragments(name):
+            chunk = values[f.param_start : f.param_start + f.numel]
+            parts[f.rank][f.partition_start : f.partition_start + f.numel] = chunk
+    return parts
 
 
-def test_reshape_a_zero_param_between_layouts() -> None:
-    """The intended use: move one parameter's pieces from dp 2 partitions to dp 3 partitions."""
-    old = zero_group_layout(GROUPS[0], 2)
-    new = zero_group_layout(GROUPS[0], 3, round_robin_gradients=True)
-    data = {n: list(range(100 * i, 100 * i + k)) for i, (n, k) in enumerate(GROUPS[0])}
-    old_parts = [[0] * old.partition_size for _ in range(2)]
-    for name in data:
-        for f in old.fragments(name):
-            old_parts[f.rank][f.partition_start : f.partition_start + f.numel] = data[name][
-                f.param_start : f.param_start + f.numel
-            ]
-    new_parts = [[0] * new.partition_size for _ in range(3)]
-    for name in data:
+def _reshape(old, new, old_parts, names, sizes) -> list[list[int]]:
+    """Move every parameter's pieces from ``old`` partitions to ``new`` ones with ``overlaps``."""
+    new_parts = [[0] * size for size in sizes]
+    for name in names:
         old_frags = {f.rank: f for f in old.fragments(name)}
         new_frags = {f.rank: f for f in new.fragments(name)}
-        segments = overlap_segments(old.param_bounds(name), new.param_bounds(name))
-        for r, segs in enumerate(segments):
+        for r, segs in enumerate(overlaps(old.param_bounds(name), new.param_bounds(name))):
             for s in segs:
                 src = old_frags[s.old_index].partition_start + s.old_offset
                 dst = new_frags[r].partition_start + s.new_offset
                 new_parts[r][dst : dst + s.length] = old_parts[s.old_index][src : src + s.length]
-    flat = [x for part in new_parts for x in part]
-    for p in new.params:
+    return new_parts
+
+
+def test_reshape_params_between_layouts() -> None:
+    """The intended use: dp 2 ZeRO 1 -> dp 3 ZeRO 2 with round robin -> dp 2 ZeRO 3 (one
+    sub-group per parameter) -> back, with every element where the target layout says."""
+    group = GROUPS[0]
+    names = [n for n, _ in group]
+    data = {n: list(range(100 * i, 100 * i + k)) for i, (n, k) in enumerate(group)}
+    z1 = zero_group_layout(group, 2)
+    z2 = zero_group_layout(group, 3, round_robin_gradients=True)
+    z3 = zero3_layout([group], 2, sub_group_size=0)
+    assert len(z3.sub_group_numels) == len(group)
+
+    parts = _scatter(z1, data, [z1.partition_size] * 2)
+    parts = _reshape(z1, z2, parts, names, [z2.partition_size] * 3)
+    flat = [x for part in parts for x in part]
+    for p in z2.params:
         assert flat[p.flat_offset : p.flat_offset + p.numel] == data[p.name]
+
+    # ZeRO 3 "partitions" per rank: here one flat group per parameter, so address them by
+    # treating each parameter on its own.
+    for name in names:
+        p3 = z3.param(name)
+        per_rank = _reshape(z2, z3, parts, [name], [z3.sub_group_numels[p3.sub_group]] * 2)
+        padded = data[name] + [0] * (p3.padded_numel - p3.numel)
+        assert [x for part in per_rank for x in part] == padded
+    back = _reshape(z2, z1, parts, names, [z1.partition_size] * 2)
+    assert back == _scatter(z1, data, [z1.partition_size] * 2)
