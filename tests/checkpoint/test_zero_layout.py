@@ -63,6 +63,9 @@ ZERO_CASES: dict[str, tuple[int, dict, bool, dict]] = {
         False,
         {},
     ),
+    # DeepSpeed's defaults: sub_group_size 1e9 (one flat group per param group) and a
+    # persistence threshold that keeps all these small parameters gathered.
+    "z3_defaults": (3, {}, False, {}),
 }
 
 # (layer output widths, partition method) for real PipelineModules at pp = world size
@@ -268,11 +271,16 @@ def test_round_robin_slice_mappings_do_not_locate_the_data(ds_runs, dp: int) -> 
 
 
 @pytest.mark.parametrize("dp", [2, 3])
-def test_zero3_layout_matches_deepspeed(ds_runs, dp: int) -> None:
-    folder = ds_runs[dp][0] / "z3" / "t"
-    ref = _load(ds_runs[dp][0] / "z3" / "reference.pt")
-    layout = zero3_layout(GROUPS, dp, sub_group_size=SUB_GROUP_SIZE)
-    assert len(layout.sub_group_numels) > len(GROUPS)  # the sub-group split is exercised
+@pytest.mark.parametrize("case", ["z3", "z3_defaults"])
+def test_zero3_layout_matches_deepspeed(ds_runs, case: str, dp: int) -> None:
+    folder = ds_runs[dp][0] / case / "t"
+    ref = _load(ds_runs[dp][0] / case / "reference.pt")
+    if case == "z3":
+        layout = zero3_layout(GROUPS, dp, sub_group_size=SUB_GROUP_SIZE)
+        assert len(layout.sub_group_numels) > len(GROUPS)  # the sub-group split is exercised
+    else:
+        layout = zero3_layout(GROUPS, dp)
+        assert len(layout.sub_group_numels) == len(GROUPS)
 
     for r in range(dp):
         model_states = _load(folder / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt")
