@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
+
 from lightning_reshape.errors import TopologyError
 from lightning_reshape.topology.grid import Topology
 
@@ -197,12 +199,17 @@ class ParallelLayout:
             return self.expert, EXPERT_KINDS[kind]
         return self.dense, kind
 
-    def groups(self, kind: str) -> list[list[int]]:
-        """All groups of one kind for the whole world, in Megatron's order."""
+    def group_array(self, kind: str) -> np.ndarray:
+        """All groups of one kind as a (groups, group size) array, in Megatron's order."""
         if kind == "embedding":
-            return [embedding_ranks(g) for g in self.dense.groups("pp")]
+            pp_groups = self.dense.group_array("pp")
+            return pp_groups[:, [0, -1]] if self.pp > 1 else pp_groups
         grid, token = self._grid_and_token(kind)
-        return grid.groups(token)
+        return grid.group_array(token)
+
+    def groups(self, kind: str) -> list[list[int]]:
+        """All groups of one kind for the whole world as lists, in Megatron's order."""
+        return self.group_array(kind).tolist()
 
     def group_of(self, rank: int, kind: str) -> list[int]:
         """The one group of ``kind`` that ``rank`` belongs to, in O(group size).
@@ -215,8 +222,12 @@ class ParallelLayout:
         grid, token = self._grid_and_token(kind)
         return grid.group_of(rank, token)
 
+    def all_group_arrays(self) -> dict[str, np.ndarray]:
+        """Every group kind of ``GROUP_KINDS`` for the whole world, as arrays."""
+        return {kind: self.group_array(kind) for kind in GROUP_KINDS}
+
     def all_groups(self) -> dict[str, list[list[int]]]:
-        """Every group kind of ``GROUP_KINDS`` for the whole world."""
+        """Every group kind of ``GROUP_KINDS`` for the whole world, as lists."""
         return {kind: self.groups(kind) for kind in GROUP_KINDS}
 
     def describe(self) -> str:
