@@ -102,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReshapeError as err:
         print(f"lightning-reshape {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. piped into `head`: stop quietly, as Unix tools do
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
