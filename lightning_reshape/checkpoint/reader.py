@@ -621,6 +621,23 @@ def _build(b: _Builder) -> Manifest:
         if f.optim
         else (len({dp for dp, _ in f.z3_model}) if zero3 else None)
     )
+    missing = []
+    for mp in range(meta_mp):
+        for dp in range(meta_dp):
+            if zero3 and (dp, mp) not in f.z3_model:
+                missing.append(f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt")
+            if f.optim and (dp, mp) not in f.optim:
+                prefix = "bf16_" if f.bf16_prefix else ""
+                missing.append(f"{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt")
+        if not zero3 and mp not in f.model:
+            missing.append(f"mp_rank_{mp:02d}_model_states.pt")
+    if missing:
+        raise CheckpointError(
+            f"{b.path(missing[0])}: missing shard"
+            + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})" if missing[1:] else "")
+            + f"; DeepSpeed's metadata (dp_world_size={meta_dp}, mp_world_size={meta_mp}) "
+            "expects it. Re-copy the checkpoint from its original location"
+        )
     problems = []
     if meta_tp * meta_pp != meta_mp:
         problems.append(f"mp_world_size={meta_mp} but tp_degree*pp_degree={meta_tp * meta_pp}")
@@ -840,9 +857,15 @@ def _module_params(
             out[name] = (file, ("module", name), tensor, None)
         return out
     # pipeline: this stage's layers are the layer files named by its params / buffers
-    layer_ids = sorted({layer for layer, tp in b.files.layers if tp == tp_rank})
+    layer_ids = sorted({layer for layer, _ in b.files.layers})
     stage_layers = _stage_layers(b, sd, layer_ids, buffer_names)
     for layer in stage_layers:
+        if (layer, tp_rank) not in b.files.layers:
+            raise CheckpointError(
+                f"{b.path(f'layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt')}: "
+                "missing shard "
+                f"(pipeline stage {pp_stage} holds layer {layer})"
+            )
         lfile = b.files.layers[(layer, tp_rank)]
         lsd = b.load(lfile)
         for local, tensor in lsd.items():
@@ -883,6 +906,10 @@ def _stage_layers(
         for layer in (x for x in layer_ids if x >= start):
             if total == n_params and run:
                 break
+            if (layer, 0) not in b.files.layers:
+                raise CheckpointError(
+                    f"{b.path(f'layer_{layer:02d}-model_00-model_states.pt')}: missing shard"
+                )
             lsd = b.load(b.files.layers[(layer, 0)])
             run.append(layer)
             total += sum(
@@ -938,11 +965,15 @@ def _zero3_frozen(
 
 
 def _flat_state_keys(state: Mapping[Any, Any], g: int, numel: int) -> tuple[list[str], list[str]]:
-    """(flat tensor keys, scalar keys) of a flat group's optimizer state."""
+    """(flat tensor keys, scalar keys) of a flat group's optimizer state.
+
+    The last rank's fp32 partition has its padding stripped but its optimizer states do not,
+    so a flat state may be longer than ``numel``.
+    """
     st = state.get(g, {})
     flat, scalar = [], []
     for k, v in st.items():
-        if torch.is_tensor(v) and v.dim() >= 1 and v.numel() == numel:
+        if torch.is_tensor(v) and v.dim() >= 1 and v.numel() >= numel:
             flat.append(k)
         else:
             scalar.append(k)

@@ -84,9 +84,6 @@ def allowed_globals() -> tuple[Any, ...]:
     return tuple(resolved)
 
 
-_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)(?: |\.)([\w.]+)|Unsupported global: GLOBAL ([\w.]+)")
-
-
 def _refused_type(message: str) -> str:
     """Pull the refused 'module.name' out of torch's UnpicklingError text."""
     match = re.search(r"GLOBAL ([\w.]+ [\w.]+|[\w.]+)", message)
@@ -106,6 +103,17 @@ def safe_load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found (a shard is missing from the checkpoint)")
     kwargs: dict[str, Any] = {"map_location": "cpu", "weights_only": not trust_checkpoint}
+    if not zipfile.is_zipfile(path):
+        # torch.save has written zip archives since 1.6; anything else here is a damaged file
+        # (truncation cuts off the zip directory) or a legacy file we only read when trusted.
+        with open(path, "rb") as fh:
+            head = fh.read(2)
+        if head != b"\x80\x02" or not trust_checkpoint:
+            raise CheckpointError(
+                f"{path}: truncated or corrupt checkpoint file (not a torch zip archive); re-copy "
+                "it from the original save"
+                + ("" if head != b"\x80\x02" else f" (legacy torch format: {TRUST_HINT})")
+            )
     try:
         # mmap needs the zip (new) serialization format; legacy files fall back below.
         try:

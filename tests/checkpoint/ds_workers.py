@@ -125,7 +125,14 @@ def _full_states(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Tens
             if val is not None:
                 out[key] = val.detach().float().cpu().clone()
         return out
-    st = basic.state.get(param, {})
+    opt = engine.optimizer
+    key_param: Any = param
+    if hasattr(opt, "fp32_groups") and hasattr(opt, "fp16_groups"):  # ZeRO 0 fp16/bf16 wrapper
+        for g, group in enumerate(opt.fp16_groups):
+            for i, p in enumerate(group):
+                if p is param:
+                    key_param = opt.fp32_groups[g][i]
+    st = basic.state.get(key_param, {})
     for key, val in st.items():
         if torch.is_tensor(val) and val.dim() > 0:
             out[key] = val.detach().float().cpu().clone()
@@ -140,12 +147,14 @@ def _train_and_save(rank: int, spec: RunSpec, out_dir: str, model: nn.Module, mp
         model=model, optimizer=optimizer, config=_ds_config(spec), mpu=mpu
     )
     dp_rank = mpu.get_data_parallel_rank() if mpu is not None else rank
+    save_dir = os.path.join(out_dir, spec.name)
     for step in range(spec.steps):
         ids = _batch(dp_rank, step)
         loss = engine(ids)
         engine.backward(loss)
         engine.step()
-    save_dir = os.path.join(out_dir, spec.name)
+        if spec.extra.get("save_each_step") and step < spec.steps - 1:
+            engine.save_checkpoint(save_dir, client_state={"epoch": 0, "my_key": "early"})
     engine.save_checkpoint(save_dir, client_state={"epoch": 3, "my_key": "hello"})
     names = {p: n for n, p in engine.module.named_parameters()}
     expected: dict[str, Any] = {"params": {}, "states": {}}
@@ -224,6 +233,25 @@ class SimpleMPU:
         return 0
 
 
+class _CopyToTP(torch.autograd.Function):
+    """Megatron's copy-to-tensor-parallel-region: identity forward, all-reduce grad backward.
+
+    Without it the replicated layers before a column-parallel layer drift apart across tp
+    ranks (and the reader rightly refuses to call them replicated).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 class TPNet(nn.Module):
     """Column-parallel then row-parallel Linear, a replicated bias and norm, an embedding."""
 
@@ -249,7 +277,7 @@ class TPNet(nn.Module):
         from torch.distributed.nn.functional import all_reduce
 
         x = self.emb(ids)
-        h = torch.relu(self.col(x))
+        h = torch.relu(self.col(_CopyToTP.apply(x, self.group)))
         y = all_reduce(self.row(h), group=self.group) + self.row_bias
         logits = self.out(self.norm(y))
         return nn.functional.cross_entropy(logits.float().view(-1, VOCAB), ids.view(-1))
@@ -356,6 +384,22 @@ def pipe_worker(rank: int, world_size: int, out_dir: str, pp: int, specs: list[R
             torch.save(expected, os.path.join(save_dir, f"expected_pp{stage}.pt"))
         dist.barrier()
         del engine, optimizer
+
+
+def combo_worker(
+    rank: int,
+    world_size: int,
+    out_dir: str,
+    zero_specs: list[RunSpec],
+    tp_specs: list[RunSpec],
+    pp_specs: list[RunSpec],
+) -> None:
+    """All checkpoints of one world size in one launch (launches cost seconds each)."""
+    zero_worker(rank, world_size, out_dir, zero_specs)
+    if tp_specs:
+        tp_worker(rank, world_size, out_dir, 2, tp_specs)
+    if pp_specs:
+        pipe_worker(rank, world_size, out_dir, 2, pp_specs)
 
 
 def describe(path: str) -> str:

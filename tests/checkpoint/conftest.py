@@ -1,0 +1,72 @@
+"""Session fixtures: real DeepSpeed checkpoints at dp 1, 2 and 4 (one launch per world size)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+_HERE = Path(__file__).resolve().parent
+for _p in (str(_HERE.parent), str(_HERE)):  # deepspeed_harness (tests/) and ds_workers
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from deepspeed_harness import run_distributed  # noqa: E402
+from ds_workers import RunSpec, combo_worker  # noqa: E402
+
+ZERO_SPECS = {
+    1: [
+        RunSpec("z0", 0, "adam"),
+        RunSpec("z1", 1, "adamw"),
+        RunSpec("z2", 2, "sgd"),
+        RunSpec("z3", 3, "adagrad"),
+        RunSpec("z0bf16", 0, "adam", "bf16"),
+        RunSpec("z1bf16", 1, "adam", "bf16"),
+    ],
+    2: [
+        RunSpec("z0", 0, "sgd"),
+        RunSpec("z1", 1, "adamw", extra={"save_each_step": True}),
+        RunSpec("z2", 2, "adagrad"),
+        RunSpec("z3", 3, "adam"),
+        RunSpec("z2bf16", 2, "sgd", "bf16"),
+        RunSpec("z3bf16", 3, "adamw", "bf16"),
+    ],
+    4: [
+        RunSpec("z0", 0, "adagrad"),
+        RunSpec("z1", 1, "adam"),
+        RunSpec("z2", 2, "adamw"),
+        RunSpec("z3", 3, "sgd"),
+    ],
+}
+TP_SPECS = {
+    2: [RunSpec("tp_z1", 1, "adam"), RunSpec("tp_z0", 0, "sgd")],
+    4: [RunSpec("tp_z2", 2, "adamw")],
+}
+PP_SPECS = {
+    2: [RunSpec("pp_z1", 1, "adam"), RunSpec("pp_z0", 0, "sgd")],
+    4: [RunSpec("pp_z1", 1, "adagrad")],
+}
+
+
+def _generate(root: Path, world: int) -> Path:
+    out = root / f"w{world}"
+    run_distributed(
+        combo_worker,
+        world,
+        str(out),
+        ZERO_SPECS[world],
+        TP_SPECS.get(world, []),
+        PP_SPECS.get(world, []),
+        timeout=400,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """{world size: folder holding one save directory per RunSpec name}."""
+    root = tmp_path_factory.mktemp("ds_ckpts")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return {world: _generate(root, world) for world in (1, 2, 4)}
