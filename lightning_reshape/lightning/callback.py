@@ -1,0 +1,118 @@
+"""AutoReshape: the user's say over reshaping on resume, and the run's topology history.
+
+Why a callback and not strategy arguments: the policy belongs to the run (where copies go,
+whether to keep them), the strategy to the hardware; and a callback's ``state_dict`` is the
+natural place for a record that must travel inside every checkpoint. The reshape itself is
+triggered by the strategy's ``load_checkpoint`` (a callback's hooks run too early or too late).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+__all__ = ["ReshapePolicy", "AutoReshape"]
+
+
+@dataclass(frozen=True)
+class ReshapePolicy:
+    """What the strategy may do when a checkpoint was saved at another layout.
+
+    - ``enabled``: reshape at all; when False a changed layout stops with an error.
+    - ``output_dir``: where reshaped copies go (default: inside the checkpoint directory,
+      ``X.ckpt/reshaped-tp1-pp1-dp2-zero2/``); the original files are never touched.
+    - ``keep_old``: keep earlier reshaped copies of the same checkpoint; False deletes them
+      (only folders named ``reshaped-*`` that we wrote) once the new copy is loaded.
+    - ``verify``: re-read the reshaped copy's topology before loading it.
+    - ``trust_checkpoint``: allow arbitrary pickled types when reading the source.
+    - ``workers``: reader/writer threads per rank for the reshape.
+    - ``tp_rules``: passed to the converter for parameters without recorded split info.
+    """
+
+    enabled: bool = True
+    output_dir: str | None = None
+    keep_old: bool = True
+    verify: bool = True
+    trust_checkpoint: bool = False
+    workers: int = 1
+    tp_rules: Sequence[Any] | None = None
+
+
+@dataclass
+class _Entry:
+    tp: int
+    pp: int
+    dp: int
+    world_size: int
+    zero_stage: int
+    global_step: int
+
+
+class AutoReshape(Callback):
+    """Policy for resuming at a different layout plus the run's topology history.
+
+    The history (``self.history``, saved in the checkpoint) gains one entry
+    ``{tp, pp, dp, world_size, zero_stage, global_step}`` each time training starts.
+    """
+
+    def __init__(
+        self,
+        enabled: bool = True,
+        output_dir: str | os.PathLike[str] | None = None,
+        keep_old: bool = True,
+        verify: bool = True,
+        trust_checkpoint: bool = False,
+        workers: int = 1,
+        tp_rules: Sequence[Any] | None = None,
+    ) -> None:
+        self.policy = ReshapePolicy(
+            enabled=enabled,
+            output_dir=None if output_dir is None else os.fspath(output_dir),
+            keep_old=keep_old,
+            verify=verify,
+            trust_checkpoint=trust_checkpoint,
+            workers=workers,
+            tp_rules=tp_rules,
+        )
+        self.history: list[dict[str, int]] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Record the layout this (possibly resumed) run starts at; history is restored by now."""
+        layout = getattr(trainer.strategy, "layout", None)
+        zero_stage = getattr(trainer.strategy, "current_zero_stage", None)
+        if layout is None:
+            return
+        entry = asdict(
+            _Entry(
+                tp=layout.tp,
+                pp=layout.pp,
+                dp=layout.dp,
+                world_size=layout.world_size,
+                zero_stage=int(zero_stage or 0),
+                global_step=trainer.global_step,
+            )
+        )
+        if not self.history or self.history[-1] != entry:
+            self.history.append(entry)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(e) for e in self.history]}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.history = [dict(e) for e in state_dict.get("history", [])]
+
+    def __repr__(self) -> str:
+        return f"AutoReshape({self.policy})"
+
+
+def find_policy(callbacks: Sequence[Callback]) -> tuple[ReshapePolicy, AutoReshape | None]:
+    """The policy of the first AutoReshape in ``callbacks``, or the default one."""
+    for cb in callbacks:
+        if isinstance(cb, AutoReshape):
+            return cb.policy, cb
+    return ReshapePolicy(), None
