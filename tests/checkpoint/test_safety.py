@@ -80,6 +80,8 @@ def test_slice_read_memory(tmp_path: Path) -> None:
         import torch
         from lightning_reshape.checkpoint.manifest import Piece
         from lightning_reshape.checkpoint.reader import ShardReader
+        from lightning_reshape.checkpoint.safe_load import allowed_globals
+        allowed_globals()  # imports DeepSpeed once; not part of the read
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         with ShardReader(sys.argv[1]) as reader:
             piece = Piece(file="big.pt", key=("optimizer_state_dict", "fp32_flat_groups", 0),
@@ -88,6 +90,9 @@ def test_slice_read_memory(tmp_path: Path) -> None:
         assert float(t.sum()) == 2**18
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((peak - base) / 1024)
+        # control: materializing the whole shard does show up in the same measure
+        full = torch.load(sys.argv[1] + "/big.pt", mmap=False, weights_only=True)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024)
         """
     )
     out = subprocess.run(
@@ -97,6 +102,10 @@ def test_slice_read_memory(tmp_path: Path) -> None:
         text=True,
         cwd=str(Path(__file__).resolve().parents[2]),
     )
-    grew_mib = float(out.stdout.strip().splitlines()[-1])
-    print(f"peak RSS growth reading 1 MiB of a 256 MiB shard: {grew_mib:.1f} MiB")
+    grew_mib, full_mib = (float(x) for x in out.stdout.strip().splitlines()[-2:])
+    print(
+        f"peak RSS growth reading 1 MiB of a 256 MiB shard: {grew_mib:.1f} MiB "
+        f"(loading the whole shard: {full_mib:.1f} MiB)"
+    )
+    assert full_mib > 200, "control failed: the measurement cannot see a full load"
     assert grew_mib < 32, f"reading a slice grew RSS by {grew_mib:.1f} MiB"
