@@ -34,6 +34,44 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tp_rule(text: str) -> object:
+    """``REGEX=DIM[:STRIDE]`` or ``REGEX=replicated`` -> a reader TPRule."""
+    from lightning_reshape.checkpoint.reader import TPRule
+    from lightning_reshape.checkpoint.sidecar import TPSplit
+
+    pattern, sep, split = text.rpartition("=")
+    if not sep or not pattern:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not REGEX=DIM[:STRIDE] or REGEX=replicated (e.g. 'dense_4h=0')"
+        )
+    if split == "replicated":
+        return TPRule(pattern, None)
+    dim, _, stride = split.partition(":")
+    try:
+        return TPRule(pattern, TPSplit(dim=int(dim), stride=int(stride or 1)))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: {split!r} is not DIM[:STRIDE] (whole numbers) or 'replicated'"
+        ) from None
+
+
+def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="allow pickled types outside the allow-list (runs code from the file)",
+    )
+    parser.add_argument(
+        "--tp-rule",
+        type=_tp_rule,
+        action="append",
+        default=[],
+        metavar="REGEX=DIM[:STRIDE]|REGEX=replicated",
+        help="how parameters matching REGEX are split across tensor-parallel ranks "
+        "(needed when the checkpoint has no lightning-reshape sidecar); repeatable",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="lightning-reshape", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -53,11 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="describe a DeepSpeed checkpoint")
     inspect.add_argument("path")
     inspect.add_argument("--json", action="store_true")
-    inspect.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow pickled types outside the allow-list (runs code from the file)",
-    )
+    _add_checkpoint_options(inspect)
     inspect.set_defaults(run=_run_inspect)
     return parser
 
@@ -86,7 +120,7 @@ def _run_groups(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from lightning_reshape.checkpoint.inspect import format_inspect, inspect_checkpoint
 
-    report = inspect_checkpoint(args.path, trust=args.trust_checkpoint)
+    report = inspect_checkpoint(args.path, trust=args.trust_checkpoint, tp_rules=args.tp_rule)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
