@@ -1,0 +1,77 @@
+"""The library entry point: reshape a DeepSpeed checkpoint to a new (tp, pp, dp, ZeRO stage).
+
+Why: the Lightning strategy calls :func:`convert_checkpoint` on resume (or each rank runs its
+share via :func:`plan_conversion` + :func:`execute_plan` + :func:`finalize_output`), and the CLI's
+``convert`` is a thin wrapper around it. The output is an engine save dir (``latest`` + tag
+folder) that stock ``engine.load_checkpoint(dst)`` loads, optimizer states included.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from lightning_reshape.checkpoint.execute import (
+    execute_plan,
+    finalize_output,
+    prepare_output,
+    write_plan,
+)
+from lightning_reshape.checkpoint.plan import Plan, Target, build_plan, read_source_meta
+from lightning_reshape.checkpoint.reader import TPRule, read_manifest
+
+__all__ = [
+    "convert_checkpoint",
+    "plan_conversion",
+    "execute_plan",
+    "prepare_output",
+    "finalize_output",
+]
+
+
+def plan_conversion(
+    src: str | os.PathLike[str],
+    *,
+    tp: int,
+    pp: int = 1,
+    dp: int,
+    zero_stage: int | None = None,
+    source_tag: str | None = None,
+    trust: bool = False,
+    tp_rules: Sequence[TPRule] | None = None,
+) -> Plan:
+    """Read ``src``'s metadata and plan the reshape (no data is read or written)."""
+    manifest = read_manifest(src, tag=source_tag, trust_checkpoint=trust, tp_rules=tp_rules or ())
+    meta = read_source_meta(manifest)
+    stage = manifest.topology.zero_stage if zero_stage is None else zero_stage
+    return build_plan(manifest, meta, Target(tp, pp, dp, stage), tp_rules=tp_rules or ())
+
+
+def convert_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    tp: int,
+    pp: int = 1,
+    dp: int,
+    zero_stage: int | None = None,
+    tag: str | None = None,
+    trust: bool = False,
+    progress: bool = False,
+    workers: int = 1,
+    tp_rules: Sequence[TPRule] | None = None,
+) -> Path:
+    """Write ``src`` reshaped to (tp, pp, dp, zero_stage) as an engine save dir at ``dst``.
+
+    The tag is the source's unless ``tag`` is given; ``dst/latest`` points at it (unless ``dst``
+    is the source's own save dir, whose ``latest`` is left alone). Returns the tag folder.
+    """
+    plan = plan_conversion(
+        src, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage, trust=trust, tp_rules=tp_rules
+    )
+    out_tag = tag or plan.source_tag
+    src_save_dir = Path(plan.source_root).parent.resolve()
+    latest = Path(dst).resolve() != src_save_dir
+    Path(dst).mkdir(parents=True, exist_ok=True)
+    return write_plan(plan, dst, out_tag, workers=workers, progress=progress, latest=latest)

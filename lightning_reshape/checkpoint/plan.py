@@ -1,0 +1,921 @@
+"""The reshape plan: for every target file, which slices of which source files fill it.
+
+Why: reshaping is geometry once a checkpoint is described by a manifest. A plan is a pure value
+(frozen dataclasses; file names relative to the tag folders; no tensors) that says, for every
+file DeepSpeed expects at the target (tp, pp, dp, ZeRO stage), which tensors it holds and which
+runs of source elements fill them, plus which non-tensor state is carried over verbatim and which
+metadata is written fresh. It can be printed (``--dry-run``), tested without IO and split between
+ranks (each executes a share of the files), like PyTorch DCP's planner.
+
+Target layouts are DeepSpeed's own, computed by :mod:`zero_layout` for the target degrees: ZeRO 1/2
+flat partitions (alignment, padding, ``param_slice_mappings``, ``group_paddings``), ZeRO 3
+per-parameter partitions and sub-groups, model-states files per model-parallel rank with
+``dp_world_size``/``mp_world_size``/``checkpoint_parallel_dimensions`` updated, tensor-parallel
+shards cut by the split (dim, stride) recorded for each parameter. Values are moved bit for bit;
+the only conversion is a ZeRO 3 source's fp32 master cast to the model dtype to fill a ZeRO 1/2
+module weight, which is what DeepSpeed itself does after every step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_reshape.checkpoint.manifest import (
+    ROLE_BUFFER,
+    ROLE_FP32,
+    ROLE_OPTIM,
+    ROLE_PARAM,
+    KeyPath,
+    Manifest,
+    Piece,
+    TensorEntry,
+)
+from lightning_reshape.checkpoint.reader import TPRule
+from lightning_reshape.checkpoint.sidecar import TPSplit, read_sidecar
+from lightning_reshape.checkpoint.zero_layout import (
+    DEFAULT_SUB_GROUP_SIZE,
+    undo_round_robin,
+    zero3_layout,
+    zero_group_layout,
+)
+from lightning_reshape.errors import CheckpointError, LayoutError
+
+__all__ = [
+    "Target",
+    "Copy",
+    "TensorFill",
+    "Carry",
+    "SetValue",
+    "TargetFile",
+    "Plan",
+    "SourceMeta",
+    "read_source_meta",
+    "build_plan",
+    "format_plan",
+]
+
+_ELEMENT_SIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+
+
+@dataclass(frozen=True)
+class Target:
+    """The layout to write: degrees and ZeRO stage."""
+
+    tp: int
+    pp: int
+    dp: int
+    zero_stage: int
+
+    def __str__(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero_stage={self.zero_stage}"
+
+
+@dataclass(frozen=True)
+class Copy:
+    """``numel`` elements at element ``src_offset`` of the tensor at ``src_key`` in ``src_file``
+    go to element ``dst_offset`` of the target tensor (cast when dtypes differ)."""
+
+    src_file: str
+    src_key: KeyPath
+    src_offset: int
+    dst_offset: int
+    numel: int
+    src_dtype: str
+
+
+@dataclass(frozen=True)
+class TensorFill:
+    """One tensor of a target file: where it sits, its dtype/shape and the copies filling it.
+
+    Elements no copy covers are zero (DeepSpeed's padding). ``tie`` names another fill of the
+    same file whose tensor object this one is (tied weights share storage)."""
+
+    key: KeyPath
+    dtype: str
+    shape: tuple[int, ...]
+    copies: tuple[Copy, ...] = ()
+    tie: KeyPath | None = None
+
+    @property
+    def numel(self) -> int:
+        """Element count."""
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Carry:
+    """Non-tensor state (or a container) copied verbatim from a source file."""
+
+    src_file: str
+    src_key: KeyPath
+    dst_key: KeyPath
+
+
+@dataclass(frozen=True)
+class SetValue:
+    """Metadata written fresh. ``kind``: ``raw`` (as is), ``list`` (a list of ``value`` Nones to
+    fill by index), ``shapes`` (list of {name: shape} -> OrderedDict of torch.Size),
+    ``frozen_shapes`` ({name: shape} -> OrderedDict), ``slice_mappings`` (list of
+    {name: (numel, start)} -> DeepSpeed ``fragment_address``), ``zero_stage`` (DeepSpeed's enum),
+    ``odict`` (an empty OrderedDict)."""
+
+    key: KeyPath
+    value: Any
+    kind: str = "raw"
+
+
+@dataclass(frozen=True)
+class TargetFile:
+    """One file of the target tag folder and everything that goes into it, in order."""
+
+    name: str
+    items: tuple[Carry | SetValue | TensorFill, ...]
+
+    @property
+    def tensors(self) -> tuple[TensorFill, ...]:
+        """The tensor fills of this file."""
+        return tuple(i for i in self.items if isinstance(i, TensorFill))
+
+    def copy_bytes(self) -> int:
+        """Bytes of planned tensor data (what the executor moves)."""
+        return sum(t.numel * _ELEMENT_SIZE.get(t.dtype, 4) for t in self.tensors if t.tie is None)
+
+    def sources(self) -> dict[str, int]:
+        """Source file -> bytes read from it."""
+        out: dict[str, int] = {}
+        for t in self.tensors:
+            for c in t.copies:
+                out[c.src_file] = out.get(c.src_file, 0) + c.numel * _ELEMENT_SIZE.get(
+                    c.src_dtype, 4
+                )
+            for it in self.items:
+                if isinstance(it, Carry):
+                    out.setdefault(it.src_file, 0)
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything needed to write the target tag folder; a pure value."""
+
+    source_root: str
+    source_tag: str
+    source: str  # e.g. "tp=1 pp=1 dp=2 zero_stage=1"
+    target: Target
+    files: tuple[TargetFile, ...]
+    trusted: bool = False
+
+    def file(self, name: str) -> TargetFile:
+        """The target file called ``name``."""
+        for f in self.files:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def shard(self, index: int, count: int) -> tuple[str, ...]:
+        """Names of the files rank ``index`` of ``count`` writes (balanced by bytes)."""
+        if not 0 <= index < count:
+            raise LayoutError(f"shard index {index} is outside 0..{count - 1}")
+        loads = [0] * count
+        owner: dict[str, int] = {}
+        for f in sorted(self.files, key=lambda f: (-f.copy_bytes(), f.name)):
+            k = loads.index(min(loads))
+            owner[f.name] = k
+            loads[k] += f.copy_bytes() + 1
+        return tuple(f.name for f in self.files if owner[f.name] == index)
+
+
+@dataclass(frozen=True)
+class SourceMeta:
+    """Metadata of the source the plan needs beyond the manifest (read once, no tensors)."""
+
+    #: per source mp rank: the main model-states file and its top-level keys in order
+    model_files: Mapping[int, str]
+    model_keys: Mapping[int, tuple[str, ...]]
+    #: per source mp rank: module state-dict keys in order (params, buffers, aliases)
+    module_keys: Mapping[int, tuple[str, ...]]
+    param_shapes: Mapping[int, tuple[tuple[str, ...], ...]]  # names per flat group, flat order
+    shared_params: Mapping[int, Mapping[str, str]]
+    ds_config: Mapping[str, Any]
+    #: per source mp rank: dp-0 optimizer file and key path of its inner torch state dict
+    optim_files: Mapping[int, str]
+    optim_inner: KeyPath
+    optim_top_keys: tuple[str, ...]
+    tp_splits: Mapping[str, TPSplit | None] = field(default_factory=dict)
+
+
+def read_source_meta(manifest: Manifest) -> SourceMeta:
+    """Read the few non-tensor facts a plan needs (key orders, group lists, config)."""
+    from lightning_reshape.checkpoint.safe_load import safe_load
+
+    topo = manifest.topology
+    root = manifest.root
+    names = set(os.listdir(root))
+    model_files: dict[int, str] = {}
+    model_keys: dict[int, tuple[str, ...]] = {}
+    module_keys: dict[int, tuple[str, ...]] = {}
+    param_shapes: dict[int, tuple[tuple[str, ...], ...]] = {}
+    shared: dict[int, Mapping[str, str]] = {}
+    optim_files: dict[int, str] = {}
+    ds_config: Mapping[str, Any] = {}
+    optim_inner: KeyPath = ()
+    optim_top: tuple[str, ...] = ()
+    for mp in range(topo.mp):
+        plain = f"mp_rank_{mp:02d}_model_states.pt"
+        z3 = f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
+        file = plain if plain in names else z3
+        sd = safe_load(os.path.join(root, file), trust_checkpoint=manifest.trusted)
+        model_files[mp] = file
+        model_keys[mp] = tuple(sd)
+        module = sd.get("module")
+        module_keys[mp] = tuple(module) if isinstance(module, Mapping) else ()
+        param_shapes[mp] = tuple(tuple(g) for g in sd.get("param_shapes") or [])
+        shared[mp] = dict(sd.get("shared_params") or {})
+        ds_config = sd.get("ds_config") or ds_config
+        for prefix in ("", "bf16_"):
+            oname = f"{prefix}zero_pp_rank_0_mp_rank_{mp:02d}_optim_states.pt"
+            if oname in names:
+                optim_files[mp] = oname
+                if mp == 0:
+                    osd = safe_load(os.path.join(root, oname), trust_checkpoint=manifest.trusted)
+                    inner = osd["optimizer_state_dict"]
+                    optim_top = tuple(inner)
+                    optim_inner = (
+                        ("optimizer_state_dict", "base_optimizer_state")
+                        if "base_optimizer_state" in inner
+                        else ("optimizer_state_dict", "optimizer_state_dict")
+                    )
+    sidecar = read_sidecar(root)
+    return SourceMeta(
+        model_files=model_files,
+        model_keys=model_keys,
+        module_keys=module_keys,
+        param_shapes=param_shapes,
+        shared_params=shared,
+        ds_config=dict(ds_config),
+        optim_files=optim_files,
+        optim_inner=optim_inner,
+        optim_top_keys=optim_top,
+        tp_splits=dict(sidecar.tp_splits) if sidecar is not None else {},
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# geometry: target tp-local flat ranges -> source pieces
+
+
+def _local_shape(shape: tuple[int, ...], split: TPSplit | None, tp: int) -> tuple[int, ...]:
+    if split is None or tp == 1:
+        return shape
+    out = list(shape)
+    out[split.dim] //= tp
+    return tuple(out)
+
+
+def _check_split(name: str, shape: tuple[int, ...], split: TPSplit, tps: Sequence[int]) -> None:
+    if split.dim >= len(shape):
+        raise LayoutError(
+            f"{name}: tensor-parallel split dim {split.dim} is out of range for shape {shape}; "
+            "fix its tensor-parallel rule"
+        )
+    for tp in tps:
+        if shape[split.dim] % (split.stride * tp):
+            raise LayoutError(
+                f"{name}: dim {split.dim} of shape {shape} (stride {split.stride}) does not split "
+                f"into {tp} tensor-parallel shards; choose a tp that divides "
+                f"{shape[split.dim] // split.stride}"
+            )
+
+
+def _tp_runs(
+    shape: tuple[int, ...],
+    split: TPSplit | None,
+    src_tp: int,
+    tgt_tp: int,
+    tgt_rank: int,
+) -> Iterator[tuple[int, int, int, int]]:
+    """(src tp rank, src local flat offset, dst local flat offset, numel) covering target
+    rank ``tgt_rank``'s whole shard, in dst order."""
+    if split is None or src_tp == tgt_tp:
+        src_rank = tgt_rank if (split is not None and src_tp == tgt_tp) else 0
+        if split is None and src_tp == tgt_tp:
+            src_rank = tgt_rank
+        yield (src_rank, 0, 0, math.prod(_local_shape(shape, split, tgt_tp)))
+        return
+    d, s = split.dim, split.stride
+    big = shape[d]
+    outer = math.prod(shape[:d])
+    inner = math.prod(shape[d + 1 :])
+    w_t, w_s = big // (s * tgt_tp), big // (s * src_tp)
+    d_t, d_s = big // tgt_tp, big // src_tp
+    for o in range(outer):
+        for c in range(s):
+            a = tgt_rank * w_t  # rows within the stride chunk
+            end = a + w_t
+            dst = (o * d_t + c * w_t) * inner
+            while a < end:
+                q, jq = divmod(a, w_s)
+                b = min(end, (q + 1) * w_s)
+                n = (b - a) * inner
+                yield (q, (o * d_s + c * w_s + jq) * inner, dst, n)
+                dst += n
+                a = b
+
+
+class _Resolver:
+    """Turns (entry, target tp rank, local range) into Copy runs through the entry's pieces."""
+
+    def __init__(self, manifest: Manifest, splits: Mapping[str, TPSplit | None], tgt_tp: int):
+        self.m = manifest
+        self.splits = splits
+        self.tgt_tp = tgt_tp
+        self._pieces: dict[tuple[Any, int], tuple[list[int], list[Piece]]] = {}
+        self._runs: dict[tuple[Any, int], list[tuple[int, int, int, int]]] = {}
+
+    def pieces(self, entry: TensorEntry, rank: int) -> tuple[list[int], list[Piece]]:
+        key = (entry.key, rank)
+        if key not in self._pieces:
+            ps = sorted((p for p in entry.pieces if p.tp_rank == rank), key=lambda p: p.dst_offset)
+            if not ps:
+                ranks = sorted({p.tp_rank for p in entry.pieces})
+                ps = sorted(
+                    (p for p in entry.pieces if p.tp_rank == ranks[0]), key=lambda p: p.dst_offset
+                )
+            self._pieces[key] = ([p.dst_offset for p in ps], ps)
+        return self._pieces[key]
+
+    def runs(self, entry: TensorEntry, rank: int) -> list[tuple[int, int, int, int]]:
+        key = (entry.key, rank)
+        if key not in self._runs:
+            split = self.splits.get(entry.name)
+            runs: list[tuple[int, int, int, int]] = []
+            for r in _tp_runs(entry.shape, split, self.m.topology.tp, self.tgt_tp, rank):
+                if runs and runs[-1][0] == r[0] and runs[-1][1] + runs[-1][3] == r[1]:
+                    last = runs[-1]
+                    runs[-1] = (last[0], last[1], last[2], last[3] + r[3])
+                else:
+                    runs.append(r)
+            self._runs[key] = runs
+        return self._runs[key]
+
+    def copies(self, entry: TensorEntry, rank: int, lo: int, hi: int, dst_base: int) -> list[Copy]:
+        """Copies placing target-local elements [lo, hi) of ``entry`` at ``dst_base``."""
+        out: list[Copy] = []
+        runs = self.runs(entry, rank)
+        starts = [r[2] for r in runs]
+        i = max(0, bisect.bisect_right(starts, lo) - 1)
+        while i < len(runs) and runs[i][2] < hi:
+            src_rank, s_off, d_off, n = runs[i]
+            a, b = max(lo, d_off), min(hi, d_off + n)
+            if a < b:
+                self._piece_copies(
+                    entry, src_rank, s_off + a - d_off, b - a, dst_base + a - lo, out
+                )
+            i += 1
+        return out
+
+    def _piece_copies(
+        self, entry: TensorEntry, rank: int, src_lo: int, n: int, dst: int, out: list[Copy]
+    ) -> None:
+        offs, ps = self.pieces(entry, rank)
+        pos, end = src_lo, src_lo + n
+        i = max(0, bisect.bisect_right(offs, pos) - 1)
+        while pos < end:
+            if i >= len(ps) or ps[i].dst_offset > pos:
+                raise CheckpointError(
+                    f"{self.m.root}: {entry.name} ({entry.role} {entry.state_key or ''}) has no "
+                    f"stored element {pos} on tp rank {rank}; the checkpoint is incomplete"
+                )
+            p = ps[i]
+            take = min(end, p.dst_offset + p.numel) - pos
+            if take <= 0:
+                i += 1
+                continue
+            prev = out[-1] if out else None
+            src_off = p.src_offset + pos - p.dst_offset
+            if (
+                prev is not None
+                and prev.src_file == p.file
+                and prev.src_key == p.key
+                and prev.src_offset + prev.numel == src_off
+                and prev.dst_offset + prev.numel == dst
+            ):
+                out[-1] = Copy(
+                    p.file, p.key, prev.src_offset, prev.dst_offset, prev.numel + take, entry.dtype
+                )
+            else:
+                out.append(Copy(p.file, p.key, src_off, dst, take, entry.dtype))
+            pos += take
+            dst += take
+            i += 1
+
+
+# --------------------------------------------------------------------------------------------
+# the plan
+
+
+def _splits(
+    manifest: Manifest, meta: SourceMeta, target: Target, rules: Sequence[TPRule]
+) -> dict[str, TPSplit | None]:
+    """Split of every tensor name; refuse a tp change where a split is unknown."""
+    out: dict[str, TPSplit | None] = {}
+    src_tp = manifest.topology.tp
+    unknown: list[str] = []
+    for e in manifest.tensors:
+        if e.name in out:
+            continue
+        split: TPSplit | None = e.tp_split
+        known = src_tp > 1 or target.tp == 1
+        for rule in rules:
+            if re.search(rule.pattern, e.name):
+                split, known = rule.split, True
+                break
+        else:
+            if not known and e.name in meta.tp_splits:
+                split, known = meta.tp_splits[e.name], True
+        if not known and target.tp != src_tp:
+            unknown.append(e.name)
+        out[e.name] = split
+    if unknown:
+        more = f" and {len(unknown) - 4} more" if len(unknown) > 4 else ""
+        raise CheckpointError(
+            f"{manifest.root}: cannot change tensor parallelism from {src_tp} to {target.tp}: the "
+            f"split of {', '.join(repr(u) for u in unknown[:4])}"
+            f"{more} is unknown; "
+            "save with the lightning-reshape strategy (it writes lightning_reshape.json) or pass "
+            "tp_rules (CLI: --tp-rule PATTERN=DIM[:STRIDE] or PATTERN=replicated)"
+        )
+    for name, split in out.items():
+        if split is not None and target.tp != src_tp:
+            shape = next(e.shape for e in manifest.tensors if e.name == name)
+            _check_split(name, shape, split, (src_tp, target.tp))
+    return out
+
+
+def build_plan(
+    manifest: Manifest,
+    meta: SourceMeta,
+    target: Target,
+    *,
+    tp_rules: Sequence[TPRule] = (),
+) -> Plan:
+    """The plan writing ``manifest``'s checkpoint at ``target``. Pure: no IO.
+
+    Raises LayoutError/CheckpointError (nothing written) for a target that cannot be reached.
+    """
+    src = manifest.topology
+    for name in ("tp", "pp", "dp"):
+        value = getattr(target, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LayoutError(f"target {name}={value!r} must be an integer >= 1")
+    if target.zero_stage not in (1, 2, 3):
+        raise LayoutError(
+            f"target zero_stage={target.zero_stage} is not supported; convert to ZeRO 1, 2 or 3"
+        )
+    if src.zero_stage not in (1, 2, 3) or manifest.optimizer_wrapper not in ("zero",):
+        raise CheckpointError(
+            f"{manifest.root}: source is ZeRO stage {src.zero_stage} with optimizer wrapper "
+            f"{manifest.optimizer_wrapper!r}; only ZeRO 1, 2 and 3 sources can be reshaped yet"
+        )
+    if src.pp != 1 or target.pp != 1 or "pipeline" in manifest.layout:
+        raise CheckpointError(
+            f"{manifest.root}: pipeline-parallel checkpoints (source pp={src.pp}, target "
+            f"pp={target.pp}) cannot be reshaped yet; keep pp=1"
+        )
+    splits = _splits(manifest, meta, target, tp_rules)
+    res = _Resolver(manifest, splits, target.tp)
+    by_key = {e.key: e for e in manifest.tensors}
+    aliases = dict(manifest.aliases)
+    zcfg = dict(meta.ds_config.get("zero_optimization") or {})
+    rr = bool(zcfg.get("round_robin_gradients")) and src.zero_stage in (1, 2)
+    rr_t = bool(zcfg.get("round_robin_gradients"))
+    align = bool(zcfg.get("parameter_alignment"))
+    sub_group_size = zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)
+    model_dtype = manifest.model_dtype
+    if model_dtype not in _ELEMENT_SIZE:
+        raise CheckpointError(f"{manifest.root}: unknown model dtype {model_dtype!r}")
+    bf16 = model_dtype == "bfloat16"
+
+    # groups in optimizer order (source mp rank 0 defines names; shapes come from entries)
+    groups: list[tuple[str, ...]] = []
+    for names in meta.param_shapes[0]:
+        groups.append(undo_round_robin(names, src.dp) if rr else tuple(names))
+    optim_keys: dict[str, list[str]] = {}
+    for e in manifest.entries(ROLE_OPTIM):
+        assert e.state_key is not None
+        optim_keys.setdefault(e.name, [])
+        if e.state_key not in optim_keys[e.name]:
+            optim_keys[e.name].append(e.state_key)
+    src_group_of: dict[str, int] = {}
+    for e in manifest.entries(ROLE_FP32):
+        if e.pieces and e.pieces[0].flat_group is not None:
+            src_group_of[e.name] = e.pieces[0].flat_group
+
+    def entry(name: str, role: str, state_key: str | None = None) -> TensorEntry:
+        try:
+            return by_key[(name, role, state_key)]
+        except KeyError:
+            raise CheckpointError(
+                f"{manifest.root}: {name} has no {role} {state_key or ''} tensor in the source; "
+                "the checkpoint is incomplete"
+            ) from None
+
+    def local_numel(name: str) -> int:
+        e = by_key.get((name, ROLE_FP32, None)) or by_key[(name, ROLE_PARAM, None)]
+        return math.prod(_local_shape(e.shape, splits.get(name), target.tp))
+
+    def local_shape(e: TensorEntry) -> tuple[int, ...]:
+        return _local_shape(e.shape, splits.get(e.name), target.tp)
+
+    def scalar_carries(group: int, dst_prefix: KeyPath, src_mp: int, tgt_group: int) -> list[Carry]:
+        out = []
+        for s in manifest.scalars:
+            if s.owner == f"mp{src_mp}.group{group}" and s.file == _first_optim(s.file):
+                out.append(Carry(s.file, s.key, (*dst_prefix, "state", tgt_group, s.state_key)))
+        return out
+
+    def _first_optim(file: str) -> str:
+        return file if "zero_pp_rank_0_" in file else ""
+
+    files: list[TargetFile] = []
+    src_ds_config = dict(meta.ds_config)
+    tgt_config = {**src_ds_config, "zero_optimization": {**zcfg, "stage": target.zero_stage}}
+    frozen = [e for e in manifest.entries(ROLE_PARAM) if e.name not in _trainable(groups)]
+    buffers = {e.name: e for e in manifest.entries(ROLE_BUFFER)}
+    prefix = "bf16_" if bf16 else ""
+
+    for mp in range(target.tp):
+        src_mp = mp if target.tp == src.tp else 0
+        optim_src = meta.optim_files[src_mp]
+        pg_key = (*meta.optim_inner, "param_groups")
+        top_carry = [
+            Carry(optim_src, ("optimizer_state_dict", k), ("optimizer_state_dict", k))
+            for k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
+            if k in meta.optim_top_keys
+        ]
+        if target.zero_stage in (1, 2):
+            layouts = [
+                zero_group_layout(
+                    [(n, local_numel(n)) for n in names],
+                    target.dp,
+                    round_robin_gradients=rr_t,
+                    parameter_alignment=align,
+                    element_size=_ELEMENT_SIZE[model_dtype],
+                )
+                for names in groups
+            ]
+            flat_names = [tuple(p.name for p in lay.params) for lay in layouts]
+            for r in range(target.dp):
+                items: list[Carry | SetValue | TensorFill] = [
+                    SetValue(("optimizer_state_dict",), {}, "raw"),
+                    *top_carry,
+                    SetValue(("optimizer_state_dict", "base_optimizer_state"), {}, "raw"),
+                    SetValue(("optimizer_state_dict", "base_optimizer_state", "state"), {}, "raw"),
+                    Carry(
+                        optim_src,
+                        pg_key,
+                        ("optimizer_state_dict", "base_optimizer_state", "param_groups"),
+                    ),
+                    SetValue(
+                        ("optimizer_state_dict", "single_partition_of_fp32_groups"),
+                        len(layouts),
+                        "list",
+                    ),
+                ]
+                base = ("optimizer_state_dict", "base_optimizer_state")
+                for g, lay in enumerate(layouts):
+                    first = lay.params[0].name
+                    sg = src_group_of.get(first, g)
+                    items.append(SetValue((*base, "state", g), {}, "raw"))
+                    items.extend(scalar_carries(sg, base, src_mp, g))
+                    frags = lay.rank_fragments(r)
+                    fp32_copies: list[Copy] = []
+                    for fr in frags:
+                        e = entry(fr.name, ROLE_FP32)
+                        fp32_copies += res.copies(
+                            e, mp, fr.param_start, fr.param_start + fr.numel, fr.partition_start
+                        )
+                    saved = lay.saved_partition_numel(r)
+                    items.append(
+                        TensorFill(
+                            ("optimizer_state_dict", "single_partition_of_fp32_groups", g),
+                            entry(first, ROLE_FP32).dtype,
+                            (saved,),
+                            tuple(fp32_copies),
+                        )
+                    )
+                    for k in optim_keys.get(first, []):
+                        copies: list[Copy] = []
+                        for fr in frags:
+                            e = entry(fr.name, ROLE_OPTIM, k)
+                            copies += res.copies(
+                                e, mp, fr.param_start, fr.param_start + fr.numel, fr.partition_start
+                            )
+                        items.append(
+                            TensorFill(
+                                (*base, "state", g, k),
+                                entry(first, ROLE_OPTIM, k).dtype,
+                                (lay.partition_size,),
+                                tuple(copies),
+                            )
+                        )
+                items += [
+                    SetValue(
+                        ("optimizer_state_dict", "zero_stage"), target.zero_stage, "zero_stage"
+                    ),
+                    SetValue(
+                        ("optimizer_state_dict", "group_paddings"),
+                        [lay.group_paddings[r] for lay in layouts],
+                    ),
+                    SetValue(
+                        ("optimizer_state_dict", "param_alignment_paddings"),
+                        [list(lay.param_alignment_paddings) for lay in layouts],
+                    ),
+                    SetValue(
+                        ("optimizer_state_dict", "partition_count"), [target.dp] * len(layouts)
+                    ),
+                    SetValue(("optimizer_state_dict", "ds_version"), manifest.ds_version),
+                    SetValue(
+                        ("optimizer_state_dict", "param_slice_mappings"),
+                        [
+                            {n: (a.numel, a.start) for n, a in lay.slice_mappings[r].items()}
+                            for lay in layouts
+                        ],
+                        "slice_mappings",
+                    ),
+                    SetValue(("ds_config",), tgt_config),
+                    SetValue(("ds_version",), manifest.ds_version),
+                ]
+                files.append(
+                    TargetFile(
+                        f"{prefix}zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt", tuple(items)
+                    )
+                )
+            files.append(
+                _model_file(
+                    f"mp_rank_{mp:02d}_model_states.pt",
+                    manifest,
+                    meta,
+                    target,
+                    mp,
+                    src_mp,
+                    res,
+                    entry,
+                    local_shape,
+                    flat_names,
+                    frozen,
+                    buffers,
+                    aliases,
+                    tgt_config,
+                    None,
+                )
+            )
+        else:
+            lay3 = zero3_layout(
+                [[(n, local_numel(n)) for n in names] for names in groups],
+                target.dp,
+                sub_group_size=sub_group_size,
+            )
+            if len(lay3.sub_group_numels) != len(groups):
+                raise LayoutError(
+                    f"zero_optimization.sub_group_size={sub_group_size} splits the param groups "
+                    "into several ZeRO 3 sub-groups; converting to that layout is not supported "
+                    "yet: raise sub_group_size above the group size"
+                )
+            sub_names = [
+                tuple(p.name for p in lay3.sub_group_params(s))
+                for s in range(len(lay3.sub_group_numels))
+            ]
+            inner = ("optimizer_state_dict", "optimizer_state_dict")
+            for r in range(target.dp):
+                items = [
+                    SetValue(("optimizer_state_dict",), {}, "raw"),
+                    SetValue(("optimizer_state_dict", "zero_stage"), 3, "zero_stage"),
+                    *[c for c in top_carry if c.src_key[-1] != "clip_grad"],
+                    SetValue(("optimizer_state_dict", "partition_count"), target.dp),
+                    SetValue(inner, {}, "raw"),
+                    SetValue((*inner, "state"), {}, "raw"),
+                    Carry(optim_src, pg_key, (*inner, "param_groups")),
+                    SetValue(
+                        ("optimizer_state_dict", "fp32_flat_groups"),
+                        len(lay3.sub_group_numels),
+                        "list",
+                    ),
+                ]
+                for s, numel in enumerate(lay3.sub_group_numels):
+                    params = lay3.sub_group_params(s)
+                    first = params[0].name
+                    items.append(SetValue((*inner, "state", s), {}, "raw"))
+                    items.extend(scalar_carries(src_group_of.get(first, s), inner, src_mp, s))
+                    keys = [None, *optim_keys.get(first, [])]
+                    for k in keys:
+                        copies = []
+                        for p in params:
+                            b = p.param_bounds()
+                            if b[r + 1] > b[r]:
+                                e = entry(p.name, ROLE_FP32 if k is None else ROLE_OPTIM, k)
+                                copies += res.copies(e, mp, b[r], b[r + 1], p.offset)
+                        dkey = (
+                            ("optimizer_state_dict", "fp32_flat_groups", s)
+                            if k is None
+                            else (*inner, "state", s, k)
+                        )
+                        dt = entry(first, ROLE_FP32 if k is None else ROLE_OPTIM, k).dtype
+                        items.append(TensorFill(dkey, dt, (numel,), tuple(copies)))
+                items += [
+                    SetValue(("ds_config",), tgt_config),
+                    SetValue(("ds_version",), manifest.ds_version),
+                ]
+                files.append(
+                    TargetFile(
+                        f"{prefix}zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt", tuple(items)
+                    )
+                )
+                files.append(
+                    _model_file(
+                        f"zero_pp_rank_{r}_mp_rank_{mp:02d}_model_states.pt",
+                        manifest,
+                        meta,
+                        target,
+                        mp,
+                        src_mp,
+                        res,
+                        entry,
+                        local_shape,
+                        sub_names,
+                        frozen,
+                        buffers,
+                        aliases,
+                        tgt_config,
+                        r,
+                    )
+                )
+    files.sort(key=lambda f: f.name)
+    return Plan(
+        source_root=manifest.root,
+        source_tag=manifest.tag,
+        source=f"tp={src.tp} pp={src.pp} dp={src.dp} zero_stage={src.zero_stage}",
+        target=target,
+        files=tuple(files),
+        trusted=manifest.trusted,
+    )
+
+
+def _trainable(groups: Sequence[Sequence[str]]) -> set[str]:
+    return {n for g in groups for n in g}
+
+
+_MODEL_COMPUTED = frozenset(
+    {
+        "module",
+        "optimizer",
+        "param_shapes",
+        "frozen_param_shapes",
+        "shared_params",
+        "frozen_param_fragments",
+        "dp_world_size",
+        "mp_world_size",
+        "checkpoint_parallel_dimensions",
+        "ds_config",
+    }
+)
+
+
+def _model_file(
+    name: str,
+    manifest: Manifest,
+    meta: SourceMeta,
+    target: Target,
+    mp: int,
+    src_mp: int,
+    res: _Resolver,
+    entry: Any,
+    local_shape: Any,
+    flat_names: Sequence[Sequence[str]],
+    frozen: Sequence[TensorEntry],
+    buffers: Mapping[str, TensorEntry],
+    aliases: Mapping[str, str],
+    tgt_config: Mapping[str, Any],
+    z3_rank: int | None,
+) -> TargetFile:
+    """A model-states file: ``mp_rank_XX`` (ZeRO 1/2) or ``zero_pp_rank_R_mp_rank_XX`` (ZeRO 3)."""
+    src_file = meta.model_files[src_mp]
+    items: list[Carry | SetValue | TensorFill] = []
+    trainable = _trainable(flat_names)
+    frozen_names = {e.name for e in frozen}
+    shared = dict(meta.shared_params.get(src_mp) or {})
+    for alias, source in aliases.items():
+        shared.setdefault(alias, source)
+    model_dtype = manifest.model_dtype
+    for key in meta.model_keys[src_mp]:
+        if key not in _MODEL_COMPUTED:
+            items.append(Carry(src_file, (key,), (key,)))
+            continue
+        if key == "module":
+            items.append(SetValue(("module",), None, "odict"))
+            for mkey in meta.module_keys[src_mp]:
+                dkey = ("module", mkey)
+                if mkey in buffers:
+                    e = buffers[mkey]
+                    n = math.prod(local_shape(e))
+                    items.append(
+                        TensorFill(dkey, e.dtype, local_shape(e), tuple(res.copies(e, mp, 0, n, 0)))
+                    )
+                elif z3_rank is not None:
+                    items.append(TensorFill(dkey, model_dtype, (0,)))
+                elif mkey in shared and mkey not in trainable and mkey not in frozen_names:
+                    items.append(TensorFill(dkey, model_dtype, (), tie=("module", shared[mkey])))
+                else:
+                    e = (
+                        entry(mkey, ROLE_PARAM)
+                        if (mkey, ROLE_PARAM, None) in {t.key for t in manifest.entries(ROLE_PARAM)}
+                        else entry(mkey, ROLE_FP32)
+                    )
+                    n = math.prod(local_shape(e))
+                    copies = res.copies(e, mp, 0, n, 0)
+                    items.append(TensorFill(dkey, model_dtype, local_shape(e), tuple(copies)))
+        elif key == "optimizer":
+            items.append(SetValue(("optimizer",), None))
+        elif key == "param_shapes":
+            shapes = []
+            for names in flat_names:
+                shapes.append({n: local_shape(entry(n, ROLE_FP32)) for n in names})
+            items.append(SetValue(("param_shapes",), shapes, "shapes"))
+        elif key == "frozen_param_shapes":
+            if target.zero_stage >= 2:
+                items.append(
+                    SetValue(
+                        ("frozen_param_shapes",),
+                        {e.name: local_shape(e) for e in frozen},
+                        "frozen_shapes",
+                    )
+                )
+            else:
+                items.append(SetValue(("frozen_param_shapes",), None))
+        elif key == "frozen_param_fragments":
+            if target.zero_stage < 2:
+                items.append(SetValue(("frozen_param_fragments",), None))
+                continue
+            items.append(SetValue(("frozen_param_fragments",), None, "odict"))
+            for e in frozen:
+                shape = local_shape(e)
+                n = math.prod(shape)
+                if z3_rank is None:
+                    copies = res.copies(e, mp, 0, n, 0)
+                    items.append(
+                        TensorFill(
+                            ("frozen_param_fragments", e.name), e.dtype, shape, tuple(copies)
+                        )
+                    )
+                else:
+                    part = -(-n // target.dp)
+                    lo, hi = min(n, z3_rank * part), min(n, (z3_rank + 1) * part)
+                    copies = res.copies(e, mp, lo, hi, 0) if hi > lo else []
+                    items.append(
+                        TensorFill(
+                            ("frozen_param_fragments", e.name), e.dtype, (part,), tuple(copies)
+                        )
+                    )
+        elif key == "shared_params":
+            items.append(SetValue(("shared_params",), shared))
+        elif key == "dp_world_size":
+            items.append(SetValue((key,), target.dp))
+        elif key == "mp_world_size":
+            items.append(SetValue((key,), target.tp * target.pp))
+        elif key == "checkpoint_parallel_dimensions":
+            items.append(SetValue((key,), {"pp_degree": target.pp, "tp_degree": target.tp}))
+        elif key == "ds_config":
+            items.append(SetValue((key,), dict(tgt_config)))
+    return TargetFile(name, tuple(items))
+
+
+def format_plan(plan: Plan) -> str:
+    """Human-readable plan: per target file, its sources and byte counts."""
+
+    def mb(n: int) -> str:
+        return f"{n / 2**20:.2f} MiB" if n >= 2**20 else f"{n} B"
+
+    lines = [
+        f"reshape {plan.source_root}",
+        f"  from {plan.source}",
+        f"  to   {plan.target}",
+        f"  {len(plan.files)} target files, {mb(sum(f.copy_bytes() for f in plan.files))} of "
+        "tensor data",
+    ]
+    for f in plan.files:
+        n_t = len(f.tensors)
+        n_c = sum(len(t.copies) for t in f.tensors)
+        carries = sum(1 for i in f.items if isinstance(i, Carry))
+        lines.append(
+            f"{f.name}: {n_t} tensors ({mb(f.copy_bytes())}, {n_c} copies), "
+            f"{carries} carried values"
+        )
+        for src, nbytes in sorted(f.sources().items()):
+            lines.append(f"    <- {src}: {mb(nbytes)}")
+    return "\n".join(lines)
