@@ -93,7 +93,106 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true")
     _add_checkpoint_options(inspect)
     inspect.set_defaults(run=_run_inspect)
+
+    convert = sub.add_parser("convert", help="reshape a DeepSpeed checkpoint to a new layout")
+    convert.add_argument("src", help="Lightning X.ckpt dir, DeepSpeed save dir or tag folder")
+    convert.add_argument("dst", help="output save dir (gets <tag>/ and latest)")
+    convert.add_argument("--tp", type=_positive_int, required=True)
+    convert.add_argument("--pp", type=_positive_int, default=1)
+    convert.add_argument("--dp", type=_positive_int, required=True)
+    convert.add_argument("--zero-stage", type=int, default=None, help="default: the source's")
+    convert.add_argument("--tag", default=None, help="output tag (default: the source's)")
+    convert.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    convert.add_argument("--workers", type=_positive_int, default=1)
+    convert.add_argument(
+        "--tp-rule",
+        action="append",
+        default=[],
+        metavar="REGEX=DIM[:STRIDE]|REGEX=replicated",
+        help="tensor-parallel split of matching parameters (repeatable)",
+    )
+    convert.add_argument("--trust-checkpoint", action="store_true")
+    convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.set_defaults(run=_run_convert)
+
+    verify = sub.add_parser("verify", help="compare two checkpoints' logical content bit for bit")
+    verify.add_argument("a")
+    verify.add_argument("b")
+    verify.add_argument("--max-differences", type=_positive_int, default=20)
+    verify.add_argument("--trust-checkpoint", action="store_true")
+    verify.set_defaults(run=_run_verify)
     return parser
+
+
+def _tp_rules(texts: Sequence[str]) -> list[object]:
+    from lightning_reshape.checkpoint.reader import TPRule
+    from lightning_reshape.checkpoint.sidecar import TPSplit
+
+    rules: list[object] = []
+    for text in texts:
+        pattern, sep, spec = text.rpartition("=")
+        if not sep or not pattern:
+            raise ReshapeError(
+                f"--tp-rule {text!r}: expected REGEX=DIM[:STRIDE] or REGEX=replicated"
+            )
+        if spec == "replicated":
+            rules.append(TPRule(pattern, None))
+            continue
+        dim, _, stride = spec.partition(":")
+        try:
+            rules.append(TPRule(pattern, TPSplit(dim=int(dim), stride=int(stride or 1))))
+        except ValueError:
+            raise ReshapeError(
+                f"--tp-rule {text!r}: {spec!r} is not DIM[:STRIDE] or 'replicated'"
+            ) from None
+    return rules
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from lightning_reshape.checkpoint.convert import convert_checkpoint, plan_conversion
+    from lightning_reshape.checkpoint.plan import format_plan
+
+    rules = _tp_rules(args.tp_rule)
+    if args.dry_run:
+        plan = plan_conversion(
+            args.src,
+            tp=args.tp,
+            pp=args.pp,
+            dp=args.dp,
+            zero_stage=args.zero_stage,
+            trust=args.trust_checkpoint,
+            tp_rules=rules,  # type: ignore[arg-type]
+        )
+        print(format_plan(plan))
+        return 0
+    out = convert_checkpoint(
+        args.src,
+        args.dst,
+        tp=args.tp,
+        pp=args.pp,
+        dp=args.dp,
+        zero_stage=args.zero_stage,
+        tag=args.tag,
+        trust=args.trust_checkpoint,
+        progress=not args.quiet and sys.stderr.isatty(),
+        workers=args.workers,
+        tp_rules=rules,  # type: ignore[arg-type]
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from lightning_reshape.checkpoint.verify import verify
+
+    diffs = verify(args.a, args.b, trust=args.trust_checkpoint, limit=args.max_differences)
+    if not diffs:
+        print("equal: same logical tensors and state, bit for bit")
+        return 0
+    for d in diffs:
+        print(d)
+    print(f"{len(diffs)}{'+' if len(diffs) >= args.max_differences else ''} differences")
+    return 1
 
 
 def _run_groups(args: argparse.Namespace) -> int:
