@@ -25,3 +25,8 @@ class UnsafeCheckpointError(CheckpointError):
 class LayoutError(ReshapeError, ValueError):
     """Sizes, degrees or options from which no DeepSpeed layout (ZeRO partitions, pipeline
     stages) can be computed."""
+
+
+class DistributedError(ReshapeError, RuntimeError):
+    """torch.distributed is not in the state the parallel groups need (not initialised, a
+    world size or rank that does not match the layout, groups used after destroy)."""
