@@ -51,12 +51,22 @@ CHUNK_BYTES = 16 << 20
 
 
 def plan_fingerprint(plan: Plan) -> str:
-    """A short hash of the plan (source, target, files): decides whether an output is reusable."""
+    """A short hash of what an output depends on: the source files (names, sizes, mtimes), the
+    source and target layouts and the target file names. Decides whether an output is reusable."""
     h = hashlib.sha256()
     h.update(repr((plan.source_root, plan.source_tag, plan.source, asdict(plan.target))).encode())
-    for f in plan.files:
-        h.update(repr(f).encode())
+    for name in sorted({c.src_file for f in plan.files for c in _carries_and_copies(f)}):
+        st = os.stat(os.path.join(plan.source_root, name))
+        h.update(repr((name, st.st_size, st.st_mtime_ns)).encode())
+    h.update(repr(sorted(f.name for f in plan.files)).encode())
     return h.hexdigest()[:16]
+
+
+def _carries_and_copies(tf: TargetFile) -> list[Any]:
+    out: list[Any] = [i for i in tf.items if isinstance(i, Carry)]
+    for t in tf.tensors:
+        out.extend(t.copies)
+    return out
 
 
 def partial_dir(dst: str | os.PathLike[str], tag: str) -> Path:

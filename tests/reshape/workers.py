@@ -9,6 +9,7 @@ Every rank sees the same batch so that data-parallel gradient averaging is exact
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -116,13 +117,18 @@ def train_worker(rank: int, world: int, out_dir: str, specs: list[Spec], more: i
     for spec in specs:
         engine = _engine(spec)
         _train(engine, 0, spec.steps)
+        save_dir = os.path.join(out_dir, spec.name)
         engine.save_checkpoint(
-            os.path.join(out_dir, spec.name),
-            client_state={"epoch": 7, "note": "hi", "vec": torch.arange(3.0)},
+            save_dir, client_state={"epoch": 7, "note": "hi", "vec": torch.arange(3.0)}
         )
+        state = _state(engine)
+        if rank == 0:
+            torch.save(state, os.path.join(save_dir, "expected.pt"))
         out[spec.name] = _train(engine, spec.steps, more)
         dist.barrier()
+        engine.destroy()
         del engine
+        gc.collect()
     return out
 
 
@@ -203,3 +209,15 @@ def load_worker(rank: int, world: int, jobs: list[tuple[str, str, Spec, str, int
         dist.barrier()
         del engine
     return results
+
+
+def train_and_load_worker(
+    rank: int,
+    world: int,
+    out_dir: str,
+    specs: list[Spec],
+    more: int,
+    jobs: list[tuple[str, str, Spec, str, int]],
+) -> tuple[dict, dict]:
+    """Both in one launch (launches cost seconds each)."""
+    return load_worker(rank, world, jobs), train_worker(rank, world, out_dir, specs, more)
