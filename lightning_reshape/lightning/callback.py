@@ -28,7 +28,8 @@ class ReshapePolicy:
       ``X.ckpt/reshaped-tp1-pp1-dp2-zero2/``); the original files are never touched.
     - ``keep_old``: keep earlier reshaped copies of the same checkpoint; False deletes them
       (only folders named ``reshaped-*`` that we wrote) once the new copy is loaded.
-    - ``verify``: re-read the reshaped copy's topology before loading it.
+    - ``verify``: compare the fresh reshaped copy with the original, tensor by tensor, bit for
+      bit, before loading it (reads both checkpoints once more; off by default).
     - ``trust_checkpoint``: allow arbitrary pickled types when reading the source.
     - ``workers``: reader/writer threads per rank for the reshape.
     - ``tp_rules``: passed to the converter for parameters without recorded split info.
@@ -37,7 +38,7 @@ class ReshapePolicy:
     enabled: bool = True
     output_dir: str | None = None
     keep_old: bool = True
-    verify: bool = True
+    verify: bool = False
     trust_checkpoint: bool = False
     workers: int = 1
     tp_rules: Sequence[Any] | None = None
@@ -65,7 +66,7 @@ class AutoReshape(Callback):
         enabled: bool = True,
         output_dir: str | os.PathLike[str] | None = None,
         keep_old: bool = True,
-        verify: bool = True,
+        verify: bool = False,
         trust_checkpoint: bool = False,
         workers: int = 1,
         tp_rules: Sequence[Any] | None = None,

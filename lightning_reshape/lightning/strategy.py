@@ -14,12 +14,13 @@ import argparse
 import os
 import shutil
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import torch
 from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.accelerators.cuda import CUDAAccelerator
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy
@@ -38,6 +39,7 @@ from lightning_reshape.topology import ParallelConfig, ParallelLayout
 __all__ = ["ReshapeDeepSpeedStrategy", "SavedTopology", "ResumeReport", "read_saved_topology"]
 
 RESHAPED_PREFIX = "reshaped-"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -147,26 +149,23 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
             reset_seed()
             self.set_world_ranks()
             self._init_deepspeed_distributed()
-        self.layout = self.parallel.resolve(self.world_size)
-        self.parallel_state = self._build_parallel_state(self.layout)
+        layout = self.parallel.resolve(self.world_size)
+        # Groups outlive teardown on purpose: Trainer.save_checkpoint after fit still needs
+        # them (as DDP keeps its world group); a second fit on the same layout reuses them.
+        if self.parallel_state is None or self.layout != layout:
+            self.parallel_state = self._build_parallel_state(layout)
+        self.layout = layout
         rank_zero_info(f"lightning-reshape: layout {self.layout.describe()}")
 
     def _build_parallel_state(self, layout: ParallelLayout) -> Any:
-        """This rank's groups as a DeepSpeed ``mpu``; None (DeepSpeed's world dp) if dp-only."""
-        try:
-            from lightning_reshape.distributed import ParallelState  # type: ignore[attr-defined]
-        except ImportError:
-            if layout.world_size == layout.dp:
-                return None
-            raise ReshapeError(
-                f"layout {layout.describe()} needs model-parallel groups, but "
-                "lightning_reshape.distributed.ParallelState is not available in this build"
-            ) from None
-        return ParallelState(layout, self.global_rank)
+        """This rank's groups (collective: every rank builds its own), DeepSpeed's ``mpu``."""
+        from lightning_reshape.distributed import ParallelState
+
+        return ParallelState.build(layout, rank=self.global_rank, timeout=self._timeout)
 
     @property
     def mpu(self) -> Any:
-        """What DeepSpeed receives as ``mpu`` (None for a pure data-parallel layout)."""
+        """What DeepSpeed receives as ``mpu``: the strategy's ParallelState."""
         return self.parallel_state
 
     @property
@@ -372,25 +371,93 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
     def _reshape(
         self, source: str, target: str, current: SavedTopology, policy: ReshapePolicy
     ) -> None:
-        """Write the reshaped copy; rank 0 converts, the others wait, errors reach every rank."""
+        """Write the reshaped copy at ``target``, every rank writing its share of the files.
+
+        Plan on every rank (metadata only), rank 0 prepares the partial folder, each rank
+        executes ``plan.shard(rank, world)``, rank 0 renames the folder into place. An error on
+        any rank is raised on every rank, so nobody waits forever at a barrier.
+        """
+        from lightning_reshape.checkpoint import convert
+
+        plan = self._on_all(
+            lambda: convert.plan_conversion(
+                source,
+                tp=current.tp,
+                pp=current.pp,
+                dp=current.dp,
+                zero_stage=current.zero_stage,
+                trust=policy.trust_checkpoint,
+                tp_rules=policy.tp_rules,
+            ),
+            source,
+            current,
+        )
+        tag = plan.source_tag
+        prepared = self._on_zero(lambda: convert.prepare_output(plan, target, tag), source, current)
+        part, complete = prepared
+        if not complete:
+            mine = plan.shard(self.global_rank, self.world_size)
+            self._on_all(
+                lambda: convert.execute_plan(
+                    plan, part, only_files=mine, workers=max(1, policy.workers)
+                ),
+                source,
+                current,
+            )
+
+        def finish() -> None:
+            if not complete:
+                convert.finalize_output(plan, target, tag, latest=True)
+                if policy.verify:
+                    from lightning_reshape.checkpoint.verify import verify
+
+                    diffs = verify(source, target, trust=policy.trust_checkpoint, limit=5)
+                    if diffs:
+                        raise CheckpointError(
+                            f"{target}: reshaped copy differs from the original: "
+                            + "; ".join(diffs)
+                        )
+            latest = os.path.join(target, "latest")
+            if not os.path.isfile(latest):
+                tmp = f"{latest}.tmp"
+                with open(tmp, "w", encoding="utf-8") as fh:
+                    fh.write(tag)
+                os.replace(tmp, latest)
+
+        self._on_zero(finish, source, current)
+
+    def _on_all(self, fn: Callable[[], _T], source: str, current: SavedTopology) -> _T:
+        """Run ``fn`` on every rank; if any rank fails, every rank raises its message."""
+        result: Any = None
         error: str | None = None
+        try:
+            result = fn()
+        except ReshapeError as exc:
+            error = str(exc)
+        errors: list[str | None] = [None] * self.world_size
+        torch.distributed.all_gather_object(errors, error)
+        self._raise_first(errors, source, current)
+        return result
+
+    def _on_zero(self, fn: Callable[[], _T], source: str, current: SavedTopology) -> _T:
+        """Run ``fn`` on global rank 0 and hand its result (or its error) to every rank."""
+        payload: tuple[Any, str | None] = (None, None)
         if self.is_global_zero:
             try:
-                _convert(source, target, current, policy)
-                if policy.verify:
-                    got = read_saved_topology(target, trust_checkpoint=policy.trust_checkpoint)
-                    if not _same(got, current):
-                        raise CheckpointError(
-                            f"{target}: reshaped copy is at {got.describe()} (ZeRO "
-                            f"{got.zero_stage}), expected {current.describe()}; delete it and retry"
-                        )
+                payload = (fn(), None)
             except ReshapeError as exc:
-                error = str(exc)
-        error = self.broadcast(error)
-        if error is not None:
+                payload = (None, str(exc))
+        result, error = self.broadcast(payload)
+        self._raise_first([error], source, current)
+        return result
+
+    @staticmethod
+    def _raise_first(errors: list[str | None], source: str, current: SavedTopology) -> None:
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
             raise ReshapeError(
                 f"cannot resume {source} at {current.describe()} (ZeRO {current.zero_stage}): "
-                f"{error}"
+                f"{first}"
             )
 
     def _engine_load(self, save_dir: str) -> dict[str, Any]:
@@ -432,28 +499,6 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
 
 def _same(a: SavedTopology, b: SavedTopology) -> bool:
     return (a.tp, a.pp, a.dp, a.zero_stage) == (b.tp, b.pp, b.dp, b.zero_stage)
-
-
-def _convert(source: str, target: str, current: SavedTopology, policy: ReshapePolicy) -> None:
-    """Run the checkpoint layer's converter (imported late: it is the heavy part)."""
-    try:
-        from lightning_reshape.checkpoint.convert import convert_checkpoint
-    except ImportError:
-        raise ReshapeError(
-            "reshaping needs lightning_reshape.checkpoint.convert, which this build lacks; resume "
-            f"at the saved layout instead (source {source})"
-        ) from None
-    kwargs: dict[str, Any] = {
-        "tp": current.tp,
-        "pp": current.pp,
-        "dp": current.dp,
-        "zero_stage": current.zero_stage,
-        "trust": policy.trust_checkpoint,
-        "workers": policy.workers,
-    }
-    if policy.tp_rules is not None:
-        kwargs["tp_rules"] = policy.tp_rules
-    convert_checkpoint(source, target, **kwargs)
 
 
 def _delete_other_copies(keep: str) -> None:

@@ -1,0 +1,132 @@
+"""The example's model and data: a tiny tensor-parallel GPT on tokens generated at run time.
+
+Why in the package: the shipped Hydra configs (``model/tiny_gpt``, ``data/synthetic``) name
+these classes by ``_target_``, so they must import from an installed wheel, and the tests
+train them. The data is a fixed seeded Markov chain over the vocabulary, so a loss that
+falls means the model learns something, and the same seed gives the same tokens anywhere.
+The global batch stays fixed whatever the data-parallel size, so a run resumed at another
+layout sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_reshape.errors import TopologyError
+
+
+def markov_tokens(num_sequences: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
+    """``num_sequences`` token sequences from a fixed random sparse transition table."""
+    gen = torch.Generator().manual_seed(seed)
+    # Each token has 4 likely successors: learnable, but not trivially.
+    successors = torch.randint(0, vocab_size, (vocab_size, 4), generator=gen)
+    tokens = torch.empty(num_sequences, length, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, vocab_size, (num_sequences,), generator=gen)
+    for t in range(1, length):
+        choice = torch.randint(0, 4, (num_sequences,), generator=gen)
+        tokens[:, t] = successors[tokens[:, t - 1], choice]
+    return tokens
+
+
+class SyntheticTokens(pl.LightningDataModule):
+    """Sequences of ``seq_len + 1`` tokens; each data-parallel rank loads its share of a
+    fixed global batch (``global_batch_size / dp``)."""
+
+    def __init__(
+        self,
+        num_sequences: int = 256,
+        seq_len: int = 32,
+        vocab_size: int = 128,
+        global_batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.num_sequences = num_sequences
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.dataset: TensorDataset | None = None
+
+    def setup(self, stage: str) -> None:
+        tokens = markov_tokens(self.num_sequences, self.seq_len + 1, self.vocab_size, self.seed)
+        self.dataset = TensorDataset(tokens)
+
+    def _micro_batch_size(self) -> int:
+        trainer = self.trainer
+        dp = trainer.strategy.distributed_sampler_kwargs.get("num_replicas", 1) if trainer else 1
+        if self.global_batch_size % dp:
+            raise TopologyError(
+                f"data.global_batch_size={self.global_batch_size} does not split over dp={dp} "
+                f"ranks; choose a multiple of {dp}."
+            )
+        return self.global_batch_size // dp
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.dataset is not None
+        return DataLoader(self.dataset, batch_size=self._micro_batch_size(), shuffle=False)
+
+
+class TinyGPTModule(pl.LightningModule):
+    """Trains ``lightning_reshape.nn``'s tiny GPT; the model is built in ``configure_model``
+    on the strategy's tensor-parallel group, so one config serves every layout."""
+
+    def __init__(
+        self,
+        vocab_size: int = 128,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        seq_len: int = 32,
+        lr: float = 3e-3,
+        seed: int = 0,
+        log_every_n_steps: int = 5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model: torch.nn.Module | None = None
+        self.losses: list[tuple[int, float]] = []
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        from lightning_reshape.nn.gpt import GPTConfig, TinyGPT
+
+        h = self.hparams
+        state = getattr(self.trainer.strategy, "parallel_state", None)
+        if state is None:
+            raise TopologyError(
+                "TinyGPTModule needs the tensor-parallel group of lightning-reshape's strategy; "
+                "train it with strategy=deepspeed_reshape (or ReshapeDeepSpeedStrategy)."
+            )
+        config = GPTConfig(
+            vocab_size=h.vocab_size,
+            hidden=h.hidden_size,
+            layers=h.num_layers,
+            heads=h.num_heads,
+            seq_len=h.seq_len,
+            seed=h.seed,
+        )
+        self.model = TinyGPT(config, state)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        assert self.model is not None
+        (tokens,) = batch
+        loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
+        # The loss is the same on every rank of a tp group; average it over dp for the log.
+        global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
+        step = self.global_step + 1
+        self.losses.append((step, float(global_loss)))
+        every = self.hparams.log_every_n_steps
+        if every and step % every == 0:
+            rank_zero_info(f"step {step:>4}  loss {float(global_loss):.4f}")
+        self.log("train_loss", global_loss, prog_bar=True, rank_zero_only=True)
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)

@@ -1,0 +1,165 @@
+"""One Trainer scenario in its own process: ``python run_trainer.py '<json spec>'``.
+
+Why a script: Lightning's CPU launcher re-runs the script for the other ranks, which must not
+happen inside pytest. Rank 0 writes a JSON result (per-step global losses, final fp32
+parameters, the strategy's resume report, AutoReshape's history) to ``spec["out"]``.
+
+Spec keys: devices, strategy (registry name), parallel (mapping or None), steps (max_steps),
+global_batch, ckpt_dir (ModelCheckpoint at every epoch end), resume (ckpt path or None),
+forbid_reshape (make the converter raise), model ("mlp" | "gpt"), out, seed, auto_reshape.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_reshape  # noqa: F401  (registers the deepspeed_reshape* strategy names)
+
+
+class Ticks(Dataset):
+    """Only paces the loop: the real batch is drawn from the global step (see ``batch_for``)."""
+
+    def __len__(self) -> int:
+        return 4096
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def batch_for(step: int, global_batch: int, dp_rank: int, dp: int) -> tuple[torch.Tensor, ...]:
+    """This dp rank's slice of the global batch of ``step``: identical data at any layout.
+
+    Why: Lightning's resume of a non-stateful loader replays or skips batches, which would
+    hide whether the model and optimizer state continued exactly.
+    """
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(global_batch, 16, generator=g)
+    y = (x**2).sum(-1, keepdim=True) / 16
+    micro = global_batch // dp
+    rows = slice(dp_rank * micro, (dp_rank + 1) * micro)
+    return x[rows], y[rows]
+
+
+def make_module(spec: dict[str, Any]) -> Any:
+    import lightning.pytorch as pl
+
+    global_batch = int(spec.get("global_batch", 8))
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
+            )
+            self.losses: dict[int, float] = {}
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            sampler = self.trainer.strategy.distributed_sampler_kwargs
+            dp_rank, dp = sampler["rank"], sampler["num_replicas"]
+            x, y = batch_for(self.global_step, global_batch, dp_rank, dp)
+            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            # The global-batch loss: mean over all ranks (tp ranks repeat their dp replica's).
+            self.losses[self.global_step] = float(self.all_gather(loss.detach()).mean())
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+    return Net()
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_reshape.lightning import AutoReshape, ReshapeDeepSpeedStrategy
+
+    if spec.get("forbid_reshape"):
+        from lightning_reshape.checkpoint import convert
+
+        def _forbidden(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("reshape work attempted on an unchanged layout")
+
+        convert.plan_conversion = _forbidden  # type: ignore[assignment]
+        convert.convert_checkpoint = _forbidden  # type: ignore[assignment]
+
+    devices = int(spec["devices"])
+    parallel = spec.get("parallel")
+    if parallel is not None or spec.get("strategy") is None:
+        strategy: Any = ReshapeDeepSpeedStrategy(stage=int(spec.get("stage", 2)), parallel=parallel)
+    else:
+        strategy = spec["strategy"]
+    global_batch = int(spec.get("global_batch", 8))
+    dp = devices // int((parallel or {}).get("tp", 1)) // int((parallel or {}).get("pp", 1))
+    callbacks: list[Any] = []
+    if spec.get("auto_reshape", True):
+        callbacks.append(AutoReshape(**spec.get("policy", {})))
+    if spec.get("ckpt_dir"):
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=spec["ckpt_dir"],
+                filename="{epoch}",
+                every_n_epochs=1,
+                save_top_k=-1,
+                save_on_train_epoch_end=True,
+            )
+        )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=devices,
+        strategy=strategy,
+        max_steps=int(spec["steps"]),
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    module = make_module(spec)
+    loader = DataLoader(Ticks(), batch_size=global_batch // dp)
+    trainer.fit(module, loader, ckpt_path=spec.get("resume"))
+    if spec.get("save"):
+        trainer.save_checkpoint(spec["save"])
+
+    import deepspeed
+
+    engine = trainer.strategy.deepspeed_engine
+    params = {
+        name: deepspeed.utils.safe_get_full_fp32_param(p).flatten().tolist()
+        for name, p in engine.module.named_parameters()
+    }
+    if trainer.is_global_zero:
+        report = getattr(trainer.strategy, "last_resume", None)
+        history = next((cb.history for cb in trainer.callbacks if isinstance(cb, AutoReshape)), [])
+        result = {
+            "losses": {str(k): v for k, v in module.losses.items()},
+            "params": params,
+            "global_step": trainer.global_step,
+            "strategy": type(trainer.strategy).__name__,
+            "sampler": dict(trainer.strategy.distributed_sampler_kwargs),
+            "resume": None
+            if report is None
+            else {
+                "reshaped": report.reshaped,
+                "loaded_from": report.loaded_from,
+                "saved": [report.saved.tp, report.saved.pp, report.saved.dp],
+                "seconds": report.seconds,
+            },
+            "history": history,
+        }
+        with open(spec["out"], "w", encoding="utf-8") as fh:
+            json.dump(result, fh)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()
