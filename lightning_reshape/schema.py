@@ -37,7 +37,9 @@ class AutoReshapeSchema:
     enabled: bool = True
     output_dir: Optional[str] = None  # noqa: UP045 - default: beside the checkpoint
     keep_old: bool = True
-    verify: bool = False
+    verify: bool = True
+    trust_checkpoint: bool = False
+    workers: int = 1
 
 
 def register_schemas(store: ConfigStore | None = None) -> None:
