@@ -104,7 +104,7 @@ print(f"convert-seconds: {time.perf_counter() - t0:.3f}")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/lightning_reshape_bench")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=1)
     args = ap.parse_args()
     work = Path(args.workdir)
     src = work / "src"
@@ -167,6 +167,7 @@ def main() -> None:
             str(tag_dir),
             "--output_folder",
             str(uni),
+            "--inject_missing_state",
         ]
     )
     print(f"{'tool':<32} {'wall s':>8} {'peak RSS GB':>12}")

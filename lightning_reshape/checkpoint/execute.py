@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lightning_reshape.checkpoint.plan import Carry, Plan, SetValue, TargetFile, TensorFill
-from lightning_reshape.checkpoint.safe_load import safe_load
+from lightning_reshape.checkpoint.safe_load import allowed_globals, safe_load
 from lightning_reshape.errors import CheckpointError
 
 __all__ = [
@@ -388,6 +388,9 @@ def execute_plan(
             on_file(tf.name, moved)
         return tf.name
 
+    # torch's safe_globals() context is process-global and not thread-safe: register the allow-list
+    # once, before the threads start, so one thread leaving its context cannot drop it for another.
+    torch.serialization.add_safe_globals(list(allowed_globals()))
     try:
         if workers <= 1:
             done = [run(f) for f in todo]
