@@ -454,6 +454,8 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
     @staticmethod
     def _raise_first(errors: list[str | None], source: str, current: SavedTopology) -> None:
         first = next((e for e in errors if e is not None), None)
+        if first is not None and "TPRule(" in first:
+            first += "; in Lightning pass such rules as AutoReshape(tp_rules=[...])"
         if first is not None:
             raise ReshapeError(
                 f"cannot resume {source} at {current.describe()} (ZeRO {current.zero_stage}): "

@@ -5,7 +5,8 @@ happen inside pytest. Rank 0 writes a JSON result (per-step global losses, final
 parameters, the strategy's resume report, AutoReshape's history) to ``spec["out"]``.
 
 Spec keys: devices, strategy (registry name), parallel (mapping or None), steps (max_steps),
-global_batch, ckpt_dir (ModelCheckpoint at every epoch end), resume (ckpt path or None),
+global_batch, ckpt_dir + ckpt_every (ModelCheckpoint every N steps: ``step=N.ckpt``), resume,
+stage, save (Trainer.save_checkpoint after fit), policy (AutoReshape arguments),
 forbid_reshape (make the converter raise), model ("mlp" | "gpt"), out, seed, auto_reshape.
 """
 
@@ -46,9 +47,79 @@ def batch_for(step: int, global_batch: int, dp_rank: int, dp: int) -> tuple[torc
     return x[rows], y[rows]
 
 
+def tokens_for(
+    step: int, global_batch: int, dp_rank: int, dp: int, seq_len: int, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This dp rank's token slice of the global batch of ``step`` (next-token targets)."""
+    g = torch.Generator().manual_seed(2000 + step)
+    ids = torch.randint(0, vocab, (global_batch, seq_len + 1), generator=g)
+    micro = global_batch // dp
+    rows = ids[dp_rank * micro : (dp_rank + 1) * micro]
+    return rows[:, :-1], rows[:, 1:]
+
+
+def make_gpt(spec: dict[str, Any]) -> Any:
+    """The tiny tensor-parallel GPT, built in configure_model once the groups exist."""
+    import lightning.pytorch as pl
+
+    from lightning_reshape.nn.gpt import GPTConfig, TinyGPT
+
+    global_batch = int(spec.get("global_batch", 8))
+    config = GPTConfig(vocab_size=64, hidden=32, layers=2, heads=4, seq_len=16, ffn_hidden=64)
+
+    class GPTModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model: Any = None
+            self.losses: dict[int, float] = {}
+
+        def configure_model(self) -> None:
+            if self.model is None:
+                self.model = TinyGPT(config, self.trainer.strategy.parallel_state)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            sampler = self.trainer.strategy.distributed_sampler_kwargs
+            ids, targets = tokens_for(
+                self.global_step,
+                global_batch,
+                sampler["rank"],
+                sampler["num_replicas"],
+                config.seq_len,
+                config.vocab_size,
+            )
+            loss = self.model.loss(ids, targets)
+            self.losses[self.global_step] = float(self.all_gather(loss.detach()).mean())
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=3e-3, weight_decay=0.01)
+
+    return GPTModule()
+
+
+def full_params(engine: Any, state: Any) -> dict[str, list[float]]:
+    """Every parameter's full fp32 value, tp shards joined along their partition dim."""
+    import deepspeed
+    import torch.distributed as dist
+
+    out = {}
+    tp_group = state.get_tensor_model_parallel_group()
+    tp = dist.get_world_size(tp_group) if state.layout.tp > 1 else 1
+    for name, p in engine.module.named_parameters():
+        value = deepspeed.utils.safe_get_full_fp32_param(p)
+        if tp > 1 and getattr(p, "tensor_model_parallel", False):
+            parts = [torch.empty_like(value) for _ in range(tp)]
+            dist.all_gather(parts, value.contiguous(), group=tp_group)
+            value = torch.cat(parts, dim=p.partition_dim)
+        out[name] = value.flatten().tolist()
+    return out
+
+
 def make_module(spec: dict[str, Any]) -> Any:
     import lightning.pytorch as pl
 
+    if spec.get("model") == "gpt":
+        return make_gpt(spec)
     global_batch = int(spec.get("global_batch", 8))
 
     class Net(pl.LightningModule):
@@ -98,7 +169,8 @@ def main() -> None:
     else:
         strategy = spec["strategy"]
     global_batch = int(spec.get("global_batch", 8))
-    dp = devices // int((parallel or {}).get("tp", 1)) // int((parallel or {}).get("pp", 1))
+    model_parallel = int((parallel or {}).get("tp", 1)) * int((parallel or {}).get("pp", 1))
+    dp = max(1, devices // model_parallel)  # an impossible layout must fail in the Trainer
     callbacks: list[Any] = []
     if spec.get("auto_reshape", True):
         callbacks.append(AutoReshape(**spec.get("policy", {})))
@@ -106,10 +178,9 @@ def main() -> None:
         callbacks.append(
             ModelCheckpoint(
                 dirpath=spec["ckpt_dir"],
-                filename="{epoch}",
-                every_n_epochs=1,
+                filename="{step}",
+                every_n_train_steps=int(spec.get("ckpt_every", 4)),
                 save_top_k=-1,
-                save_on_train_epoch_end=True,
             )
         )
     trainer = pl.Trainer(
@@ -130,13 +201,7 @@ def main() -> None:
     if spec.get("save"):
         trainer.save_checkpoint(spec["save"])
 
-    import deepspeed
-
-    engine = trainer.strategy.deepspeed_engine
-    params = {
-        name: deepspeed.utils.safe_get_full_fp32_param(p).flatten().tolist()
-        for name, p in engine.module.named_parameters()
-    }
+    params = full_params(trainer.strategy.deepspeed_engine, trainer.strategy.parallel_state)
     if trainer.is_global_zero:
         report = getattr(trainer.strategy, "last_resume", None)
         history = next((cb.history for cb in trainer.callbacks if isinstance(cb, AutoReshape)), [])
