@@ -10,12 +10,13 @@ layout sees exactly the batches it would have seen.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_reshape.errors import TopologyError
 
@@ -33,9 +34,38 @@ def markov_tokens(num_sequences: int, length: int, vocab_size: int, seed: int) -
     return tokens
 
 
+class StepBatches(IterableDataset):
+    """This rank's sequences, step by step: step ``s`` is rows ``[s*G, s*G + G)`` (mod the
+    number of sequences) and data-parallel rank ``r`` of ``dp`` takes its ``G/dp`` of them;
+    batch them with ``DataLoader(batch_size=G/dp)``.
+
+    Why not a sampler: the batch a step sees then depends only on the step, never on how
+    the loader was iterated before, so a run resumed at step ``s`` (at any layout) sees
+    exactly the batches a run that never stopped would have seen.
+    """
+
+    def __init__(
+        self, tokens: torch.Tensor, global_batch: int, start_step: int, rank: int, dp: int
+    ) -> None:
+        self.tokens = tokens
+        self.global_batch = global_batch
+        self.start_step = start_step
+        self.micro = global_batch // dp
+        self.offset = rank * self.micro
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        n = len(self.tokens)
+        step = self.start_step
+        while True:
+            first = step * self.global_batch + self.offset
+            for row in range(first, first + self.micro):
+                yield self.tokens[row % n]
+            step += 1
+
+
 class SyntheticTokens(pl.LightningDataModule):
     """Sequences of ``seq_len + 1`` tokens; each data-parallel rank loads its share of a
-    fixed global batch (``global_batch_size / dp``)."""
+    fixed global batch (``global_batch_size / dp``), chosen by global step."""
 
     def __init__(
         self,
@@ -51,25 +81,27 @@ class SyntheticTokens(pl.LightningDataModule):
         self.vocab_size = vocab_size
         self.global_batch_size = global_batch_size
         self.seed = seed
-        self.dataset: TensorDataset | None = None
+        self.tokens: torch.Tensor | None = None
 
     def setup(self, stage: str) -> None:
-        tokens = markov_tokens(self.num_sequences, self.seq_len + 1, self.vocab_size, self.seed)
-        self.dataset = TensorDataset(tokens)
+        self.tokens = markov_tokens(
+            self.num_sequences, self.seq_len + 1, self.vocab_size, self.seed
+        )
 
-    def _micro_batch_size(self) -> int:
+    def train_dataloader(self) -> DataLoader:
+        assert self.tokens is not None
         trainer = self.trainer
-        dp = trainer.strategy.distributed_sampler_kwargs.get("num_replicas", 1) if trainer else 1
+        assert trainer is not None, "SyntheticTokens is meant to be used by a Trainer"
+        shard = trainer.strategy.distributed_sampler_kwargs or {}
+        dp, rank = shard.get("num_replicas", 1), shard.get("rank", 0)
         if self.global_batch_size % dp:
             raise TopologyError(
                 f"data.global_batch_size={self.global_batch_size} does not split over dp={dp} "
                 f"ranks; choose a multiple of {dp}."
             )
-        return self.global_batch_size // dp
-
-    def train_dataloader(self) -> DataLoader:
-        assert self.dataset is not None
-        return DataLoader(self.dataset, batch_size=self._micro_batch_size(), shuffle=False)
+        # The trainer has restored global_step from the checkpoint before asking for data.
+        batches = StepBatches(self.tokens, self.global_batch_size, trainer.global_step, rank, dp)
+        return DataLoader(batches, batch_size=batches.micro)
 
 
 class TinyGPTModule(pl.LightningModule):
@@ -84,6 +116,7 @@ class TinyGPTModule(pl.LightningModule):
         num_heads: int = 4,
         seq_len: int = 32,
         lr: float = 3e-3,
+        optimizer: str = "adamw",
         seed: int = 0,
         log_every_n_steps: int = 5,
     ) -> None:
@@ -114,9 +147,8 @@ class TinyGPTModule(pl.LightningModule):
         )
         self.model = TinyGPT(config, state)
 
-    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
         assert self.model is not None
-        (tokens,) = batch
         loss = self.model.loss(tokens[:, :-1], tokens[:, 1:])
         # The loss is the same on every rank of a tp group; average it over dp for the log.
         global_loss = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")
@@ -129,4 +161,9 @@ class TinyGPTModule(pl.LightningModule):
         return loss
 
     def configure_optimizers(self) -> Any:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr)
+        kinds = {"adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
+        if self.hparams.optimizer not in kinds:
+            raise ValueError(
+                f"model.optimizer={self.hparams.optimizer!r}; choose one of {', '.join(kinds)}"
+            )
+        return kinds[self.hparams.optimizer](self.parameters(), lr=self.hparams.lr)

@@ -1,0 +1,47 @@
+"""Train the tiny tensor-parallel GPT with lightning-reshape's strategy, from Hydra configs.
+
+    python examples/train.py                                   # dp only, 2 CPU processes
+    python examples/train.py parallel=tp2 save_path=runs/a.ckpt
+    python examples/train.py parallel=dp_only ckpt_path=runs/a.ckpt trainer.max_steps=40
+    python examples/train.py trainer.strategy=deepspeed_reshape  # the registered name
+
+Resuming at another layout reshapes the checkpoint on the fly (see the log line
+"lightning-reshape: ... reshaped ..."). The configs come from the installed package
+(``lightning_reshape/configs``, also reachable from any Hydra app through our plugin).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import hydra
+import lightning.pytorch as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+import lightning_reshape  # noqa: F401  (registers strategy="deepspeed_reshape")
+
+
+@hydra.main(config_path="pkg://lightning_reshape.configs", config_name="train", version_base=None)
+def main(cfg: DictConfig) -> None:
+    pl.seed_everything(cfg.seed, workers=True)
+    model = instantiate(cfg.model)
+    data = instantiate(cfg.data)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=[instantiate(cfg.callbacks)])
+    trainer.fit(model, datamodule=data, ckpt_path=cfg.ckpt_path)
+    if cfg.save_path:
+        trainer.save_checkpoint(cfg.save_path)
+    summary = {
+        "layout": trainer.strategy.layout.describe() if trainer.strategy.layout else None,
+        "resumed_from": cfg.ckpt_path,
+        "resume": str(getattr(trainer.strategy, "last_resume", None)),
+        "losses": model.losses,
+    }
+    if trainer.is_global_zero and os.environ.get("LIGHTNING_RESHAPE_SUMMARY"):
+        with open(os.environ["LIGHTNING_RESHAPE_SUMMARY"], "w") as f:
+            json.dump(summary, f)
+
+
+if __name__ == "__main__":
+    main()
