@@ -207,6 +207,8 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
     ) -> tuple[Any, Optimizer]:
         import deepspeed
 
+        self._refuse_pipeline()
+
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=self._ds_args(),
             config=self.config,
@@ -219,9 +221,20 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         )
         return engine, ds_optimizer
 
+    def _refuse_pipeline(self) -> None:
+        """DeepSpeed's pipeline engine needs a PipelineModule and its own grid (mpu=None)."""
+        if self.layout is not None and self.layout.pp > 1:
+            raise TopologyError(
+                f"pp={self.layout.pp}: this strategy does not drive DeepSpeed's pipeline engine "
+                "(PipelineModule) yet; set pp=1 (tp and dp may change freely), or convert a "
+                "pipeline checkpoint offline with `lightning-reshape convert`"
+            )
+
     def _initialize_deepspeed_inference(self, model: Module) -> None:
         import deepspeed
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
+
+        self._refuse_pipeline()
 
         assert isinstance(self.config, dict)
         # Timers need a micro batch size; precision and ZeRO-3 partitioning follow training's.

@@ -149,16 +149,20 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
     assert sidecar["zero_stage"] == stage
     assert set(sidecar["tp_splits"]) == set(dp2["params"])
     before = {ck1: snapshot(ck1 / "checkpoint"), ck2: snapshot(ck2 / "checkpoint")}
+    stale = ck1 / "reshaped-tp1-pp1-dp4-zero1"  # an older copy; keep_old=False removes it
+    stale.mkdir()
+    (stale / "latest").write_text("checkpoint")
 
     second = run(
         tmp_path,
-        up={**base, "devices": 2, "resume": str(ck1)},
+        up={**base, "devices": 2, "resume": str(ck1), "policy": {"keep_old": False}},
         down={**base, "devices": 1, "resume": str(ck2)},
     )
     up, down = ok(second["up"]), ok(second["down"])
     assert up["resume"]["reshaped"] and up["resume"]["saved"] == [1, 1, 1]
     assert up["resume"]["loaded_from"] == str(ck1 / f"reshaped-tp1-pp1-dp2-zero{stage}")
     assert down["resume"]["reshaped"] and down["resume"]["saved"] == [1, 1, 2]
+    assert not stale.exists()
     assert_continues(up, dp1, exact=False)
     assert_continues(down, dp2, exact=False)
     for ck, snap in before.items():
