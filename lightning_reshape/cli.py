@@ -1,4 +1,4 @@
-"""The ``lightning-reshape`` command: ``groups`` (rank layout) and ``inspect`` (checkpoints).
+"""The ``lightning-reshape`` command: ``groups``, ``inspect``, ``convert`` and ``verify``.
 
 Every error from bad input is one line on stderr and exit code 2.
 """
