@@ -24,3 +24,22 @@ def test_resume_demo_reshapes_and_the_loss_carries_on(tmp_path: Path) -> None:
     ckpt = tmp_path / "tp2.ckpt"
     assert (ckpt / "checkpoint" / "mp_rank_01_model_states.pt").exists()
     assert (ckpt / "reshaped-tp1-pp1-dp2-zero1").is_dir()
+
+
+TRAIN = DEMO.with_name("train.py")
+
+
+def test_registered_strategy_name_works_as_the_trainer_flag(tmp_path: Path) -> None:
+    """``trainer.strategy=deepspeed_reshape`` (the registered name) from the command line."""
+    out = subprocess.run(
+        [sys.executable, str(TRAIN), "trainer.strategy=deepspeed_reshape", "trainer.max_steps=2",
+         "model.log_every_n_steps=1", f"hydra.run.dir={tmp_path / 'run'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-3000:]
+    assert "lightning-reshape: layout world 2: tp=1 pp=1 dp=2" in log
+    assert "step    2  loss" in log
