@@ -156,12 +156,20 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
     second = run(
         tmp_path,
         up={**base, "devices": 2, "resume": str(ck1), "policy": {"keep_old": False}},
-        down={**base, "devices": 1, "resume": str(ck2)},
+        down={
+            **base,
+            "devices": 1,
+            "resume": str(ck2),
+            "policy": {"output_dir": str(tmp_path / "copies")},
+        },
     )
     up, down = ok(second["up"]), ok(second["down"])
     assert up["resume"]["reshaped"] and up["resume"]["saved"] == [1, 1, 1]
     assert up["resume"]["loaded_from"] == str(ck1 / f"reshaped-tp1-pp1-dp2-zero{stage}")
     assert down["resume"]["reshaped"] and down["resume"]["saved"] == [1, 1, 2]
+    copy = tmp_path / "copies" / "step=4.ckpt" / f"reshaped-tp1-pp1-dp1-zero{stage}"
+    assert down["resume"]["loaded_from"] == str(copy)
+    assert not list(ck2.glob("reshaped-*"))
     assert not stale.exists()
     assert_continues(up, dp1, exact=False)
     assert_continues(down, dp2, exact=False)
