@@ -31,6 +31,7 @@ import torch
 
 from lightning_reshape.checkpoint.plan import Carry, Plan, SetValue, TargetFile, TensorFill
 from lightning_reshape.checkpoint.safe_load import allowed_globals, safe_load
+from lightning_reshape.checkpoint.sidecar import write_sidecar
 from lightning_reshape.errors import CheckpointError
 
 __all__ = [
@@ -462,6 +463,8 @@ def finalize_output(plan: Plan, dst: str | os.PathLike[str], tag: str, *, latest
             f"{part}: {len(missing)} planned files are missing (e.g. {missing[0]}); a rank did not "
             "finish its share: run the conversion again"
         )
+    if plan.sidecar is not None:
+        write_sidecar(part, plan.sidecar)
     _fsync_dir(part)
     os.replace(part, final)
     _fsync_dir(dst)

@@ -37,7 +37,7 @@ from lightning_reshape.checkpoint.manifest import (
     TensorEntry,
 )
 from lightning_reshape.checkpoint.reader import TPRule
-from lightning_reshape.checkpoint.sidecar import TPSplit, read_sidecar
+from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, read_sidecar
 from lightning_reshape.checkpoint.zero_layout import (
     DEFAULT_SUB_GROUP_SIZE,
     undo_round_robin,
@@ -170,6 +170,9 @@ class Plan:
     target: Target
     files: tuple[TargetFile, ...]
     trusted: bool = False
+    #: written next to the target files, so the output can itself be reshaped again (DeepSpeed
+    #: does not record tensor-parallel splits); None when the splits are unknown (tp 1 -> 1)
+    sidecar: Sidecar | None = None
 
     def file(self, name: str) -> TargetFile:
         """The target file called ``name``."""
@@ -764,6 +767,30 @@ def build_plan(
         target=target,
         files=tuple(files),
         trusted=manifest.trusted,
+        sidecar=_target_sidecar(manifest, meta, target, splits, tp_rules),
+    )
+
+
+def _target_sidecar(
+    manifest: Manifest,
+    meta: SourceMeta,
+    target: Target,
+    splits: Mapping[str, TPSplit | None],
+    rules: Sequence[TPRule],
+) -> Sidecar | None:
+    """The target's sidecar when every split is known: the source had tp > 1 (splits proven or
+    recorded), the target has tp > 1 (``_splits`` refused unknown ones), or the source carried
+    a sidecar or rules."""
+    if manifest.topology.tp == 1 and target.tp == 1 and not meta.tp_splits and not rules:
+        return None
+    params = [e.name for e in manifest.tensors if e.role in (ROLE_PARAM, ROLE_FP32)]
+    return Sidecar(
+        tp=target.tp,
+        pp=target.pp,
+        dp=target.dp,
+        zero_stage=target.zero_stage,
+        tp_splits={n: splits.get(n) for n in dict.fromkeys(params)},
+        extra={"reshaped_from": manifest.topology.__dict__ | {"tag": manifest.tag}},
     )
 
 

@@ -1336,6 +1336,8 @@ def _finish(
                 f"{b.tag_dir}: {name} is marked replicated but its shards differ in shape "
                 f"across tp ranks ({local}); fix its tensor-parallel rule"
             )
+        if split is None and len(by_rank) > 1:
+            _check_replicated(b, key)
         pieces = tuple(
             Piece(**{**p.__dict__, "tp_split": split})
             for r in sorted(by_rank)
@@ -1354,6 +1356,28 @@ def _finish(
             )
         )
     return tuple(out)
+
+
+def _check_replicated(b: _Builder, key: tuple[str, str, str | None]) -> None:
+    """A replicated tensor must be bit-identical on every tp rank: a reshape keeps one copy, so
+    a wrong "replicated" in the sidecar or a rule would otherwise lose the other ranks' data."""
+    name, role, state_key = key
+    entry = TensorEntry(
+        name=name, role=role, shape=(), dtype=b.dtypes[key], pieces=(), state_key=state_key
+    )
+    ref: torch.Tensor | None = None
+    for rank, pieces in sorted(b.pieces[key].items()):
+        t = load_entry(TensorEntry(**{**entry.__dict__, "pieces": tuple(pieces)}), b.reader)
+        bits = t.contiguous().reshape(-1).view(torch.uint8)
+        if ref is None:
+            ref = bits
+        elif not torch.equal(ref, bits):
+            what = f"{role} {state_key}" if state_key else role
+            raise CheckpointError(
+                f"{b.tag_dir}: {name} ({what}) is recorded as replicated across tensor-parallel "
+                f"ranks but tp rank {rank} differs from tp rank 0; it is split, not replicated: "
+                f"fix its entry in {SIDECAR_NAME} or pass TPRule({name!r}, TPSplit(dim=...))"
+            )
 
 
 def _prove_replicated(b: _Builder, name: str) -> None:
