@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from lightning_reshape.checkpoint.plan import Carry, Plan, SetValue, TargetFile, TensorFill
-from lightning_reshape.checkpoint.safe_load import allowed_globals, safe_load
+from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.checkpoint.sidecar import write_sidecar
 from lightning_reshape.errors import CheckpointError
 
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 COMPLETE_MARKER = ".lightning_reshape_complete"
 PARTIAL_MARKER = ".lightning_reshape_partial"
 CHUNK_BYTES = 16 << 20
+WRITEBACK_BYTES = 64 << 20
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -140,9 +141,12 @@ class _Mapped:
 
 
 def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: int) -> None:
+    """Copy in the kernel; start write-back of each copied block so the final fsync overlaps
+    the copy instead of following it (the kernel would otherwise wait for its dirty limits)."""
     while nbytes > 0:
+        want = min(nbytes, WRITEBACK_BYTES or (1 << 30))
         try:
-            done = os.copy_file_range(src_fd, dst_fd, min(nbytes, 1 << 30), src_off, dst_off)
+            done = os.copy_file_range(src_fd, dst_fd, want, src_off, dst_off)
         except OSError:
             done = 0
         if done <= 0:  # not supported here: plain reads and writes, one chunk at a time
@@ -152,6 +156,9 @@ def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: in
                 raise CheckpointError(f"unexpected end of file reading {step} bytes at {src_off}")
             os.pwrite(dst_fd, data, dst_off)
             done = len(data)
+        if WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
+            # Linux: DONTNEED on dirty pages queues their write-back (asynchronously)
+            os.posix_fadvise(dst_fd, dst_off, done, os.POSIX_FADV_DONTNEED)
         nbytes -= done
         src_off += done
         dst_off += done
@@ -255,51 +262,54 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, _Ma
     del obj
     out = _Mapped(str(tmp), trusted=True)
     moved = 0
+    # byte ranges to move in the kernel: (source file, src offset, dst offset, nbytes)
+    ranges: list[tuple[str, int, int, int]] = []
     fd = os.open(tmp, os.O_WRONLY)
     try:
-        src_fds: dict[str, int] = {}
-        try:
-            for key, runs in jobs:
-                dst_t = _get(out.obj, key)
-                dst_base = out.byte_offset(dst_t)
-                if dst_base is None and dst_t.numel() > 0:
-                    raise CheckpointError(f"{tmp}: cannot address tensor {key!r} in the output")
-                esize = dst_t.element_size()
-                for file, src_t, s_off, d_off, n in runs:
-                    if n == 0:
-                        continue
-                    if s_off + n > src_t.numel() or d_off + n > dst_t.numel():
-                        raise CheckpointError(
-                            f"{os.path.join(plan.source_root, file)}: a copy of {n} elements at "
-                            f"{s_off} does not fit (source {src_t.numel()}, target "
-                            f"{dst_t.numel()} at {d_off}); the checkpoint does not match its "
-                            "manifest"
-                        )
-                    src_base = sources[file].byte_offset(src_t)
-                    if src_base is not None and src_t.dtype == dst_t.dtype:
-                        if file not in src_fds:
-                            src_fds[file] = os.open(
-                                os.path.join(plan.source_root, file), os.O_RDONLY
-                            )
-                        _copy_range(
-                            src_fds[file],
-                            fd,
-                            n * esize,
+        for key, runs in jobs:
+            dst_t = _get(out.obj, key)
+            dst_base = out.byte_offset(dst_t)
+            if dst_base is None and dst_t.numel() > 0:
+                raise CheckpointError(f"{tmp}: cannot address tensor {key!r} in the output")
+            esize = dst_t.element_size()
+            for file, src_t, s_off, d_off, n in runs:
+                if n == 0:
+                    continue
+                if s_off + n > src_t.numel() or d_off + n > dst_t.numel():
+                    raise CheckpointError(
+                        f"{os.path.join(plan.source_root, file)}: a copy of {n} elements at "
+                        f"{s_off} does not fit (source {src_t.numel()}, target "
+                        f"{dst_t.numel()} at {d_off}); the checkpoint does not match its "
+                        "manifest"
+                    )
+                src_base = sources[file].byte_offset(src_t)
+                if src_base is not None and src_t.dtype == dst_t.dtype:
+                    ranges.append(
+                        (
+                            file,
                             src_base + s_off * esize,
                             dst_base + d_off * esize,  # type: ignore[operator]
+                            n * esize,
                         )
-                    else:  # cast (or a view we cannot address): through a bounded buffer
-                        flat = src_t.reshape(-1)
-                        step = max(1, CHUNK_BYTES // max(esize, src_t.element_size()))
-                        for a in range(0, n, step):
-                            b = min(n, a + step)
-                            chunk = flat[s_off + a : s_off + b].to(dst_t.dtype).contiguous()
-                            os.pwrite(
-                                fd,
-                                chunk.view(torch.uint8).numpy().tobytes(),
-                                dst_base + (d_off + a) * esize,  # type: ignore[operator]
-                            )
-                    moved += n * esize
+                    )
+                else:  # cast (or a view we cannot address): through a bounded buffer
+                    flat = src_t.reshape(-1)
+                    step = max(1, CHUNK_BYTES // max(esize, src_t.element_size()))
+                    for a in range(0, n, step):
+                        b = min(n, a + step)
+                        chunk = flat[s_off + a : s_off + b].to(dst_t.dtype).contiguous()
+                        os.pwrite(
+                            fd,
+                            chunk.view(torch.uint8).numpy().tobytes(),
+                            dst_base + (d_off + a) * esize,  # type: ignore[operator]
+                        )
+                moved += n * esize
+        src_fds: dict[str, int] = {}
+        try:
+            for file, src_off, dst_off, nbytes in _coalesce(ranges):
+                if file not in src_fds:
+                    src_fds[file] = os.open(os.path.join(plan.source_root, file), os.O_RDONLY)
+                _copy_range(src_fds[file], fd, nbytes, src_off, dst_off)
         finally:
             for sfd in src_fds.values():
                 os.close(sfd)
@@ -309,6 +319,20 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, _Ma
     del out
     os.replace(tmp, folder / tf.name)
     return moved
+
+
+def _coalesce(ranges: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
+    """Merge ranges that continue each other in both files: one syscall instead of many (a
+    tensor-parallel split or a ZeRO partition boundary is often many adjacent runs)."""
+    merged: list[tuple[str, int, int, int]] = []
+    for file, s_off, d_off, n in ranges:
+        if merged:
+            pf, ps, pd, pn = merged[-1]
+            if pf == file and ps + pn == s_off and pd + pn == d_off:
+                merged[-1] = (pf, ps, pd, pn + n)
+                continue
+        merged.append((file, s_off, d_off, n))
+    return merged
 
 
 def _replace_tensors(value: Any) -> tuple[Any, dict[tuple[Any, ...], tuple[Any, torch.Tensor]]]:
@@ -389,9 +413,6 @@ def execute_plan(
             on_file(tf.name, moved)
         return tf.name
 
-    # torch's safe_globals() context is process-global and not thread-safe: register the allow-list
-    # once, before the threads start, so one thread leaving its context cannot drop it for another.
-    torch.serialization.add_safe_globals(list(allowed_globals()))
     try:
         if workers <= 1:
             done = [run(f) for f in todo]

@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import collections
 import enum
-import functools
+import importlib
 import os
 import pickle
 import re
+import sys
+import threading
 import zipfile
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -68,36 +71,103 @@ _STDLIB_ALLOWED: tuple[Any, ...] = (
 )
 
 
-@functools.lru_cache(maxsize=1)
-def allowed_globals() -> tuple[Any, ...]:
-    """The resolved allow-list (cached: resolving imports DeepSpeed once)."""
-    resolved: list[Any] = list(_STDLIB_ALLOWED)
-    for dotted in _ALLOWED_NAMES:
-        module_name, _, attr = dotted.rpartition(".")
-        try:
-            module = __import__(module_name, fromlist=[attr])
-            obj = getattr(module, attr)
-        except Exception:  # noqa: BLE001 - an optional package missing just narrows the list
+# torch's allow-list (``add_safe_globals``) is one process-wide set that every weights_only load
+# iterates; its ``safe_globals()`` context clears and refills that set on exit, which races with
+# loads in other threads. So we only ever add to the set, under this lock, and hold the lock
+# during our loads too (they read pickled metadata only: milliseconds, tensors stay mmapped).
+_LOCK = threading.Lock()
+_registered: set[str] = set()
+
+
+def _resolve(dotted: str) -> Any | None:
+    """The class named ``dotted`` (imports its module), or None if it is not available."""
+    module_name, _, attr = dotted.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+        obj = getattr(module, attr)
+    except Exception:  # noqa: BLE001 - an optional package missing just narrows the list
+        return None
+    return obj if isinstance(obj, type) else None
+
+
+def _register(names: Iterable[str]) -> bool:
+    """Add the named allow-list entries to torch's set (once each); True if any was new.
+
+    Caller holds ``_LOCK``.
+    """
+    new: list[Any] = []
+    if "<stdlib>" not in _registered:
+        _registered.add("<stdlib>")
+        new.extend(_STDLIB_ALLOWED)
+    for dotted in names:
+        if dotted in _registered:
             continue
-        if isinstance(obj, type):
-            resolved.append(obj)
-    return tuple(resolved)
+        _registered.add(dotted)
+        obj = _resolve(dotted)
+        if obj is not None:
+            new.append(obj)
+    if new:
+        torch.serialization.add_safe_globals(new)
+    return bool(new)
+
+
+def _imported_names() -> list[str]:
+    """Allow-list entries whose package is already imported: registering them costs nothing.
+
+    Why lazily: importing Lightning just to name ``AttributeDict`` costs seconds, and most
+    checkpoints (all plain DeepSpeed ones) never contain it; a refused entry is imported on
+    demand and the load retried.
+    """
+    return [n for n in _ALLOWED_NAMES if n.split(".", 1)[0] in sys.modules]
+
+
+def allowed_globals() -> tuple[Any, ...]:
+    """The whole resolved allow-list, registered with torch (imports DeepSpeed and Lightning)."""
+    with _LOCK:
+        _register(_ALLOWED_NAMES)
+    resolved = [_resolve(n) for n in _ALLOWED_NAMES]
+    return (*_STDLIB_ALLOWED, *(o for o in resolved if o is not None))
 
 
 def _refused_type(message: str) -> str:
     """Pull the refused 'module.name' out of torch's UnpicklingError text."""
-    match = re.search(r"GLOBAL ([\w.]+ [\w.]+|[\w.]+)", message)
+    match = re.search(r"GLOBAL ([\w.]+)", message)
     if match:
-        return match.group(1).replace(" ", ".")
+        return match.group(1)
     match = re.search(r"(?:global|class|function) [`']?([\w.]+)", message)
     return match.group(1) if match else "an unsupported type"
+
+
+def _is_refusal(text: str) -> bool:
+    return "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text
+
+
+def _load(path: str, kwargs: dict[str, Any]) -> Any:
+    """torch.load with the allow-list; imports a refused allow-listed type once and retries."""
+    with _LOCK:
+        _register(_imported_names())
+        while True:
+            try:
+                try:
+                    return torch.load(path, mmap=True, **kwargs)
+                except RuntimeError as exc:
+                    # mmap needs the zip (new) serialization format; legacy files load in full.
+                    if "mmap" not in str(exc) and "zip" not in str(exc).lower():
+                        raise
+                    return torch.load(path, **kwargs)
+            except pickle.UnpicklingError as exc:
+                refused = _refused_type(str(exc))
+                if not (_is_refusal(str(exc)) and refused in _ALLOWED_NAMES):
+                    raise
+                if not _register([refused]):
+                    raise  # allow-listed but not importable here: refuse as unknown
 
 
 def safe_load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> Any:
     """Load a torch checkpoint file read-only, memory-mapped, refusing unknown pickled types.
 
     Raises UnsafeCheckpointError (naming the type and file) for a type outside the
-    allow-list, CheckpointError for a missing, truncated or corrupt file.
+    allow-list, CheckpointError for a missing, truncated or corrupt file. Thread-safe.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -115,18 +185,10 @@ def safe_load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -
                 + ("" if head != b"\x80\x02" else f" (legacy torch format: {TRUST_HINT})")
             )
     try:
-        # mmap needs the zip (new) serialization format; legacy files fall back below.
-        try:
-            with torch.serialization.safe_globals(list(allowed_globals())):
-                return torch.load(path, mmap=True, **kwargs)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
-                raise
-            with torch.serialization.safe_globals(list(allowed_globals())):
-                return torch.load(path, **kwargs)
+        return _load(path, kwargs)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "GLOBAL" in text:
+        if _is_refusal(text):
             raise UnsafeCheckpointError(
                 f"{path}: refusing to unpickle {_refused_type(text)}, which is not on the "
                 f"allow-list of types DeepSpeed/Lightning checkpoints contain; {TRUST_HINT}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -168,6 +169,37 @@ def test_reuse_and_redo(grid: dict[str, Any], tmp_path: Path) -> None:
     again = convert_checkpoint(src, dst, tp=1, dp=1)
     assert {p: p.stat().st_mtime_ns for p in again.iterdir()} == mtimes
     assert (dst / "latest").read_text() == first.name
+
+
+def test_workers_match_serial(grid: dict[str, Any], tmp_path: Path) -> None:
+    """``workers=2`` writes byte-identical files to ``workers=1`` (threads share torch's one
+    allow-list; a per-call ``safe_globals()`` context used to drop it under another thread)."""
+    for s in (1, 2, 3):
+        src = grid["src2"] / SOURCES[s].name
+        for dp in (1, 3):
+            serial = _hashes(convert_checkpoint(src, tmp_path / f"z{s}dp{dp}w1", tp=1, dp=dp))
+            for rep in range(2):
+                dst = tmp_path / f"z{s}dp{dp}w2r{rep}"
+                assert _hashes(convert_checkpoint(src, dst, tp=1, dp=dp, workers=2)) == serial
+                assert verify(src, dst) == []
+
+
+def test_workers_fresh_process(grid: dict[str, Any], tmp_path: Path) -> None:
+    """In a process that has registered nothing yet (DeepSpeed not imported), threads that hit
+    DeepSpeed types at the same moment all load them: the allow-list is added to, never reset."""
+    src = grid["src2"] / "z1"
+    convert_checkpoint(src, tmp_path / "w1", tp=1, dp=3)
+    serial = _hashes(tmp_path / "w1")
+    script = (
+        "import sys\n"
+        "assert 'deepspeed' not in sys.modules\n"
+        "from lightning_reshape.checkpoint.convert import convert_checkpoint\n"
+        "for i in range(3):\n"
+        "    convert_checkpoint(sys.argv[1], f'{sys.argv[2]}{i}', tp=1, dp=3, workers=4)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(src), str(tmp_path / "w4_")], check=True)
+    for i in range(3):
+        assert _hashes(tmp_path / f"w4_{i}") == serial
 
 
 def test_bad_targets_write_nothing(grid: dict[str, Any], tmp_path: Path) -> None:
