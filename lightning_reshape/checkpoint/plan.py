@@ -40,6 +40,7 @@ from lightning_reshape.checkpoint.reader import TPRule
 from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, read_sidecar
 from lightning_reshape.checkpoint.zero_layout import (
     DEFAULT_SUB_GROUP_SIZE,
+    pipeline_stages,
     undo_round_robin,
     zero3_layout,
     zero_group_layout,
@@ -486,10 +487,17 @@ def build_plan(
             f"{manifest.root}: source is ZeRO stage {src.zero_stage} with optimizer wrapper "
             f"{manifest.optimizer_wrapper!r}; only ZeRO 1, 2 and 3 sources can be reshaped yet"
         )
-    if src.pp != 1 or target.pp != 1 or "pipeline" in manifest.layout:
+    pipeline = "pipeline" in manifest.layout
+    if not pipeline and (src.pp != 1 or target.pp != 1):
         raise CheckpointError(
-            f"{manifest.root}: pipeline-parallel checkpoints (source pp={src.pp}, target "
-            f"pp={target.pp}) cannot be reshaped yet; keep pp=1"
+            f"{manifest.root}: source pp={src.pp}, target pp={target.pp}: a pipeline change needs "
+            "a pipeline-engine checkpoint (layer_XX-model_YY-model_states.pt files, saved from a "
+            "PipelineModule); this one holds a plain module, so keep pp=1"
+        )
+    if pipeline and target.zero_stage != 1:
+        raise LayoutError(
+            f"target zero_stage={target.zero_stage}: DeepSpeed's pipeline engine supports ZeRO "
+            "stage 1 only; convert with zero_stage=1"
         )
     splits = _splits(manifest, meta, target, tp_rules)
     res = _Resolver(manifest, splits, target.tp)
@@ -505,10 +513,17 @@ def build_plan(
         raise CheckpointError(f"{manifest.root}: unknown model dtype {model_dtype!r}")
     bf16 = model_dtype == "bfloat16"
 
-    # groups in optimizer order (source mp rank 0 defines names; shapes come from entries)
+    # groups in optimizer order (tp rank 0 of each source stage defines names; shapes come from
+    # entries); a pipeline's stages each hold a slice of every group, in layer order
     groups: list[tuple[str, ...]] = []
-    for names in meta.param_shapes[0]:
-        groups.append(undo_round_robin(names, src.dp) if rr else tuple(names))
+    for stage in range(src.pp if pipeline else 1):
+        for g, names in enumerate(meta.param_shapes[stage * src.tp]):
+            names = undo_round_robin(names, src.dp) if rr else tuple(names)
+            if g < len(groups):
+                groups[g] += names
+            else:
+                groups.append(names)
+    stages = _target_stages(manifest, meta, target, groups, splits) if pipeline else None
     optim_keys: dict[str, list[str]] = {}
     for e in manifest.entries(ROLE_OPTIM):
         assert e.state_key is not None
@@ -553,8 +568,29 @@ def build_plan(
     buffers = {e.name: e for e in manifest.entries(ROLE_BUFFER)}
     prefix = "bf16_" if bf16 else ""
 
-    for mp in range(target.tp):
-        src_mp = mp if target.tp == src.tp else 0
+    for out_mp in range(target.tp * target.pp):
+        stage, mp = divmod(out_mp, target.tp)  # mp: the target tp rank from here on
+        stage_groups = groups
+        src_stage = 0
+        if stages is not None:
+            lo, hi = stages[stage], stages[stage + 1]
+            stage_groups = [tuple(n for n in g if lo <= _layer_of(n) < hi) for g in groups]
+            first = next((g[0] for g in stage_groups if g), None)
+            if first is None:
+                raise LayoutError(
+                    f"{manifest.root}: target pipeline stage {stage} (layers {lo}..{hi - 1}) holds "
+                    f"no trainable parameter at pp={target.pp}; choose a smaller pp"
+                )
+            src_stage = entry(first, ROLE_FP32).pieces[0].pp_stage
+            # DeepSpeed builds one flat group per optimizer param group, empty or not
+            stage_groups = [g for g in stage_groups if g]
+            if len(stage_groups) != len(groups):
+                raise LayoutError(
+                    f"{manifest.root}: target pipeline stage {stage} would hold parameters of "
+                    f"only {len(stage_groups)} of the {len(groups)} optimizer param groups; "
+                    "such a layout is not supported"
+                )
+        src_mp = src_stage * src.tp + (mp if target.tp == src.tp else 0)
         optim_src = meta.optim_files[src_mp]
         pg_key = (*meta.optim_inner, "param_groups")
         top_carry = [
@@ -571,7 +607,7 @@ def build_plan(
                     parameter_alignment=align,
                     element_size=_ELEMENT_SIZE[model_dtype],
                 )
-                for names in groups
+                for names in stage_groups
             ]
             flat_names = [tuple(p.name for p in lay.params) for lay in layouts]
             for r in range(target.dp):
@@ -657,12 +693,19 @@ def build_plan(
                 ]
                 files.append(
                     TargetFile(
-                        f"{prefix}zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt", tuple(items)
+                        f"{prefix}zero_pp_rank_{r}_mp_rank_{out_mp:02d}_optim_states.pt",
+                        tuple(items),
                     )
                 )
+            if stages is not None:
+                lo, hi = stages[stage], stages[stage + 1]
+                files += _layer_files(manifest, res, local_shape, lo, hi, mp)
+            stage_buffers = None
+            if stages is not None:
+                stage_buffers = [n for n in buffers if lo <= _layer_of(n) < hi]
             files.append(
                 _model_file(
-                    f"mp_rank_{mp:02d}_model_states.pt",
+                    f"mp_rank_{out_mp:02d}_model_states.pt",
                     manifest,
                     meta,
                     target,
@@ -677,6 +720,7 @@ def build_plan(
                     aliases,
                     tgt_config,
                     None,
+                    stage_buffers,
                 )
             )
         else:
@@ -794,6 +838,66 @@ def _target_sidecar(
     )
 
 
+def _layer_of(name: str) -> int:
+    """Global pipeline layer index of a pipeline-engine name (``<layer>.<name in layer>``)."""
+    head = name.split(".", 1)[0]
+    if not head.isdigit():
+        raise CheckpointError(
+            f"{name}: not a pipeline-engine parameter name (<layer index>.<name>); the checkpoint "
+            "mixes pipeline and plain module files"
+        )
+    return int(head)
+
+
+def _target_stages(
+    manifest: Manifest,
+    meta: SourceMeta,
+    target: Target,
+    groups: Sequence[Sequence[str]],
+    splits: Mapping[str, TPSplit | None],
+) -> tuple[int, ...]:
+    """Stage boundaries at the target pp, as DeepSpeed's PipelineModule computes them with its
+    default ``partition_method="parameters"``: balanced by each layer's trainable (tp-local)
+    parameter count. Layers are numbered by their files; a layer without a file (a function)
+    counts as 0 parameters. Function layers after the last layer file cannot be seen."""
+    layers = {p.layer for e in manifest.tensors for p in e.pieces if p.layer is not None}
+    if not layers:
+        raise CheckpointError(f"{manifest.root}: a pipeline checkpoint without layer files")
+    counts = [0] * (max(layers) + 1)
+    for names in groups:
+        for n in names:
+            e = manifest.get(n, ROLE_FP32)
+            counts[_layer_of(n)] += math.prod(_local_shape(e.shape, splits.get(n), target.tp))
+    if target.pp > len(counts):
+        raise LayoutError(
+            f"target pp={target.pp} exceeds the {len(counts)} pipeline layers of "
+            f"{manifest.root}; choose pp <= {len(counts)}"
+        )
+    return pipeline_stages(len(counts), target.pp, "parameters", layer_params=counts).parts
+
+
+def _layer_files(
+    manifest: Manifest, res: _Resolver, local_shape: Any, lo: int, hi: int, tp_rank: int
+) -> list[TargetFile]:
+    """The pipeline layer files ``lo..hi-1`` of one tp rank: each a plain state dict of the
+    layer (weights as stored, buffers), keyed by global layer index, so only the owner moves."""
+    by_layer: dict[int, list[TensorFill]] = {}
+    for e in manifest.tensors:
+        if e.role not in (ROLE_PARAM, ROLE_BUFFER) or not e.pieces:
+            continue
+        layer = e.pieces[0].layer
+        if layer is None or not lo <= layer < hi:
+            continue
+        key = e.pieces[0].key
+        shape = local_shape(e)
+        copies = res.copies(e, tp_rank, 0, math.prod(shape), 0)
+        by_layer.setdefault(layer, []).append(TensorFill(key, e.dtype, shape, tuple(copies)))
+    return [
+        TargetFile(f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt", tuple(fills))
+        for layer, fills in sorted(by_layer.items())
+    ]
+
+
 def _trainable(groups: Sequence[Sequence[str]]) -> set[str]:
     return {n for g in groups for n in g}
 
@@ -830,8 +934,12 @@ def _model_file(
     aliases: Mapping[str, str],
     tgt_config: Mapping[str, Any],
     z3_rank: int | None,
+    pipeline_buffers: Sequence[str] | None = None,
 ) -> TargetFile:
-    """A model-states file: ``mp_rank_XX`` (ZeRO 1/2) or ``zero_pp_rank_R_mp_rank_XX`` (ZeRO 3)."""
+    """A model-states file: ``mp_rank_XX`` (ZeRO 1/2) or ``zero_pp_rank_R_mp_rank_XX`` (ZeRO 3).
+
+    ``pipeline_buffers`` (pipeline engine only): the stage's buffer names; the module itself
+    lives in the layer files then, so ``module`` is None."""
     src_file = meta.model_files[src_mp]
     items: list[Carry | SetValue | TensorFill] = []
     trainable = _trainable(flat_names)
@@ -841,6 +949,10 @@ def _model_file(
         shared.setdefault(alias, source)
     model_dtype = manifest.model_dtype
     for key in meta.model_keys[src_mp]:
+        if pipeline_buffers is not None and key in ("module", "buffer_names"):
+            value = None if key == "module" else list(pipeline_buffers)
+            items.append(SetValue((key,), value))
+            continue
         if key not in _MODEL_COMPUTED:
             items.append(Carry(src_file, (key,), (key,)))
             continue

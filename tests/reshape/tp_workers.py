@@ -210,6 +210,7 @@ def load_worker(rank: int, world: int, jobs: list[tuple[str, str, TPSpec, str]])
         try:
             _, client = engine.load_checkpoint(save_dir, load_optimizer_states=True)
             expected = torch.load(expected_path, weights_only=False)
+            assert expected["fp32"], f"{expected_path}: no parameters recorded"
             problems = _diff(expected, _state(engine, state))
             if (client or {}).get("epoch") != 7:
                 problems.append(f"client state {client}")

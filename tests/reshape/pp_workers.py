@@ -1,0 +1,214 @@
+"""Distributed workers for the pipeline reshape tests: a 6-layer PipelineModule (dp 1, pp = world).
+
+Why: a pipeline reshape moves whole layers between stages (layer files are keyed by global layer
+index) and re-partitions each stage's ZeRO optimizer state; it is only right if DeepSpeed's own
+pipeline engine at the target pp loads the converted files with
+``engine.load_checkpoint(load_optimizer_states=True)`` and every parameter's fp32 master and
+optimizer state equal the source's bit for bit. The oracle is read live from the engines with
+``safe_get_full_*``. DeepSpeed's default ``partition_method="parameters"`` places the layers.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+VOCAB = 16
+HIDDEN = 8
+TAG = "step2"
+
+
+class Embed(nn.Module):
+    """Embedding plus a persistent buffer (buffers travel with their layer file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, HIDDEN)
+        self.register_buffer("running", torch.arange(3, dtype=torch.float32))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids) + self.running.sum() * 0.0
+
+
+class Block(nn.Module):
+    def __init__(self, width: int = HIDDEN) -> None:
+        super().__init__()
+        self.fc = nn.Linear(HIDDEN, width)
+        self.out = nn.Linear(width, HIDDEN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.out(torch.relu(self.fc(x)))
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.view(-1, VOCAB), labels.view(-1))
+
+
+@dataclass(frozen=True)
+class PPSpec:
+    """One pipeline engine: pp degree (= world size), ZeRO stage, optimizer."""
+
+    name: str
+    pp: int
+    stage: int = 1
+    optimizer: str = "adamw"
+    steps: int = 2
+
+
+def _engine(spec: PPSpec, world: int) -> Any:
+    import deepspeed
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+    torch.manual_seed(0)
+    topo = PipeModelDataParallelTopology(num_pp=spec.pp, num_mp=1, num_dp=world // spec.pp)
+    widths = (8, 16, 8, 24)  # unequal layers: "parameters" balancing differs from "uniform"
+    layers = [LayerSpec(Embed), *[LayerSpec(Block, w) for w in widths], LayerSpec(Head)]
+    model = PipelineModule(layers=layers, topology=topo, loss_fn=_loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if spec.optimizer == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    else:
+        opt = torch.optim.SGD(params, lr=1e-2, momentum=0.9)
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 2,
+        "gradient_clipping": 0.0,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": spec.stage},
+        "steps_per_print": 10**9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
+    return engine
+
+
+def _batches(step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    out = []
+    for i in range(2):
+        gen = torch.Generator().manual_seed(3000 + 10 * step + i)
+        ids = torch.randint(0, VOCAB, (2, 6), generator=gen)
+        out.append((ids, ids))
+    return out
+
+
+def _state(engine: Any) -> dict[str, Any]:
+    """This stage's params keyed by global name (``<layer>.<local>``), as in the checkpoint."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    opt = engine.optimizer
+    if hasattr(opt, "_lazy_init_hp_params_optimizer_state"):
+        opt._lazy_init_hp_params_optimizer_state()
+    keys: set[str] = set()
+    for st in opt.optimizer.state.values():
+        keys.update(k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0)
+    fp32, states = {}, {}
+    for name, p in engine.module.named_parameters():
+        fp32[name] = safe_get_full_fp32_param(p).detach().clone()
+        states[name] = {
+            k: safe_get_full_optimizer_state(p, k).detach().clone() for k in sorted(keys)
+        }
+    buffers = {n: b.detach().clone() for n, b in engine.module.named_buffers()}
+    return {"fp32": fp32, "states": states, "buffers": buffers}
+
+
+def _gathered(engine: Any) -> dict[str, Any]:
+    """Every stage's state merged (all ranks get the union)."""
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, _state(engine))
+    out: dict[str, Any] = {"fp32": {}, "states": {}, "buffers": {}}
+    for part in parts:
+        for k in out:
+            out[k].update(part[k])
+    out["global_steps"] = engine.global_steps
+    return out
+
+
+def train_worker(rank: int, world: int, out_dir: str, specs: list[PPSpec]) -> dict[str, Any]:
+    """Train each spec, save it (tag ``step2``) and the expected logical state; return which
+    layers each stage held."""
+    parts = {}
+    for spec in specs:
+        engine = _engine(spec, world)
+        for step in range(spec.steps):
+            engine.train_batch(iter(_batches(step)))
+        save_dir = os.path.join(out_dir, spec.name)
+        engine.save_checkpoint(save_dir, tag=TAG, client_state={"epoch": 7})
+        expected = _gathered(engine)
+        if rank == 0:
+            torch.save(expected, os.path.join(save_dir, "expected.pt"))
+        parts[spec.name] = list(engine.module.parts)
+        dist.barrier()
+        del engine
+        gc.collect()
+    return parts
+
+
+def _diff(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
+    out = []
+    for part in ("fp32", "buffers"):
+        if set(expected[part]) != set(got[part]):
+            out.append(f"{part}: names {sorted(expected[part])} vs {sorted(got[part])}")
+        for n, t in expected[part].items():
+            g = got[part].get(n)
+            if g is not None and not (g.dtype == t.dtype and torch.equal(t, g)):
+                out.append(f"{part} {n} differs")
+    for n, st in expected["states"].items():
+        g = got["states"].get(n, {})
+        if set(st) != set(g):
+            out.append(f"states {n}: keys {sorted(st)} vs {sorted(g)}")
+        for k, t in st.items():
+            if k in g and not torch.equal(t, g[k]):
+                out.append(f"state {n}.{k} differs")
+    if expected["global_steps"] != got["global_steps"]:
+        out.append(f"global_steps {expected['global_steps']} vs {got['global_steps']}")
+    return out
+
+
+def load_worker(rank: int, world: int, jobs: list[tuple[str, str, PPSpec, str]]) -> dict:
+    """For each (label, save dir, target spec, expected.pt): build the pipeline engine at the
+    target pp, load with optimizer states, compare, train one more step."""
+    results = {}
+    for label, save_dir, spec, expected_path in jobs:
+        engine = _engine(spec, world)
+        problems: list[str] = []
+        try:
+            _, client = engine.load_checkpoint(save_dir, load_optimizer_states=True)
+            expected = torch.load(expected_path, weights_only=False)
+            assert expected["fp32"], f"{expected_path}: no parameters recorded"
+            problems = _diff(expected, _gathered(engine))
+            if (client or {}).get("epoch") != 7:
+                problems.append(f"client state {client}")
+            engine.train_batch(iter(_batches(spec.steps)))
+        except Exception as exc:  # noqa: BLE001 - report per job
+            problems.append(f"{type(exc).__name__}: {exc}")
+        results[label] = problems
+        dist.barrier()
+        del engine
+        gc.collect()
+    return results
+
+
+def train_and_load_worker(
+    rank: int,
+    world: int,
+    out_dir: str,
+    specs: list[PPSpec],
+    jobs: list[tuple[str, str, PPSpec, str]],
+) -> tuple[dict, dict]:
+    """Both in one launch (launches cost seconds each)."""
+    return load_worker(rank, world, jobs), train_worker(rank, world, out_dir, specs)
