@@ -3,7 +3,7 @@
 Why not import Lightning in ``lightning_reshape/__init__``: ``import lightning.pytorch`` costs
 several seconds (about 10 s cold here), which the ``lightning-reshape groups`` CLI must not pay.
 So ``import lightning_reshape`` registers at once when Lightning is already loaded, and
-otherwise adds a one-shot import hook that registers right after ``lightning.pytorch`` has
+otherwise adds a one-shot import hook that registers right after ``lightning`` has
 finished importing, then removes itself. Either import order gives a Trainer that knows
 ``strategy="deepspeed_reshape"``; no state of ours outlives the hook.
 """
@@ -19,7 +19,11 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
-TRIGGER = "lightning.pytorch"
+# The top-level package, not ``lightning.pytorch``: its ``__init__`` imports
+# ``lightning.pytorch`` whole, so when it finishes everything we import is complete.
+# Registering from inside ``lightning.pytorch``'s own import, while ``lightning`` itself is
+# still half-initialised, broke later imports of ``lightning.pytorch``.
+TRIGGER = "lightning"
 
 
 def _register() -> None:

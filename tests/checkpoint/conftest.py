@@ -3,18 +3,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):  # deepspeed_harness (tests/) and ds_workers
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from deepspeed_harness import run_distributed  # noqa: E402
-from ds_workers import RunSpec, combo_worker  # noqa: E402
+from tests.checkpoint.ds_workers import RunSpec, combo_worker
+from tests.deepspeed_harness import run_distributed
 
 ZERO_SPECS = {
     1: [

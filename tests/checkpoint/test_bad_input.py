@@ -7,11 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import copy_save, snapshot
 
 from lightning_reshape.checkpoint.inspect import inspect_checkpoint
 from lightning_reshape.checkpoint.reader import consolidate_fp32, read_manifest
 from lightning_reshape.errors import CheckpointError, ReshapeError
+from tests.checkpoint.helpers import copy_save, snapshot
 
 
 def _read_all(path: Path) -> None:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from deepspeed_harness import DistributedTestError, run_distributed
+
+from tests.deepspeed_harness import DistributedTestError, run_distributed
 
 
 def failing_worker(rank: int, world_size: int, token: str) -> str:

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PP_SPECS, TP_SPECS, ZERO_SPECS
-from helpers import copy_save, deepspeed_fp32, expected_state, snapshot
 
 from lightning_reshape.checkpoint.manifest import ROLE_FP32, ROLE_OPTIM, ROLE_PARAM
 from lightning_reshape.checkpoint.reader import (
@@ -18,6 +16,8 @@ from lightning_reshape.checkpoint.reader import (
 )
 from lightning_reshape.checkpoint.sidecar import SIDECAR_NAME, Sidecar, TPSplit, write_sidecar
 from lightning_reshape.errors import CheckpointError
+from tests.checkpoint.conftest import PP_SPECS, TP_SPECS, ZERO_SPECS
+from tests.checkpoint.helpers import copy_save, deepspeed_fp32, expected_state, snapshot
 
 ZERO_CASES = [(w, s) for w, specs in ZERO_SPECS.items() for s in specs]
 TP_CASES = [(w, s) for w, specs in TP_SPECS.items() for s in specs]

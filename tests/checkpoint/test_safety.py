@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import copy_save, snapshot
 
 from lightning_reshape.checkpoint.reader import read_manifest
 from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.errors import UnsafeCheckpointError
+from tests.checkpoint.helpers import copy_save, snapshot
 
 
 class Payload:

@@ -12,7 +12,6 @@ at every computed position with the layouts of ``zero_layout``. Parameter sizes 
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,12 +32,7 @@ from lightning_reshape.checkpoint.zero_layout import (
     zero_group_layout,
 )
 from lightning_reshape.errors import LayoutError, ReshapeError
-
-try:
-    from tests.deepspeed_harness import run_distributed
-except ImportError:  # pytest run without the repository root on sys.path
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from deepspeed_harness import run_distributed
+from tests.deepspeed_harness import run_distributed
 
 # Optimizer order of the test model's trainable parameters, per param group.
 GROUPS: list[list[tuple[str, int]]] = [
