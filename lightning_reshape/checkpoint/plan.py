@@ -523,7 +523,7 @@ def build_plan(
                 groups[g] += names
             else:
                 groups.append(names)
-    stages = _target_stages(manifest, meta, target, groups, splits) if pipeline else None
+    stages = _target_stages(manifest, target, groups, splits) if pipeline else None
     optim_keys: dict[str, list[str]] = {}
     for e in manifest.entries(ROLE_OPTIM):
         assert e.state_key is not None
@@ -851,7 +851,6 @@ def _layer_of(name: str) -> int:
 
 def _target_stages(
     manifest: Manifest,
-    meta: SourceMeta,
     target: Target,
     groups: Sequence[Sequence[str]],
     splits: Mapping[str, TPSplit | None],
@@ -864,10 +863,10 @@ def _target_stages(
     if not layers:
         raise CheckpointError(f"{manifest.root}: a pipeline checkpoint without layer files")
     counts = [0] * (max(layers) + 1)
+    shapes = {e.name: e.shape for e in manifest.entries(ROLE_FP32)}
     for names in groups:
         for n in names:
-            e = manifest.get(n, ROLE_FP32)
-            counts[_layer_of(n)] += math.prod(_local_shape(e.shape, splits.get(n), target.tp))
+            counts[_layer_of(n)] += math.prod(_local_shape(shapes[n], splits.get(n), target.tp))
     if target.pp > len(counts):
         raise LayoutError(
             f"target pp={target.pp} exceeds the {len(counts)} pipeline layers of "

@@ -4,7 +4,8 @@ loaded by a PipelineModule engine at the target pp with stock
 ``engine.load_checkpoint(load_optimizer_states=True)``; every fp32 master, optimizer state and
 buffer must equal the source's bit for bit.
 
-Four launches: pp 2 source; pp 1 loads + pp 1 source; pp 3 loads + pp 3 source; pp 2 loads."""
+Four launches: pp 2 source; pp 1 loads + pp 1 source; pp 3 loads + pp 3 source; 2-process
+loads (pp 2, and pp 1 at dp 2)."""
 
 from __future__ import annotations
 
@@ -26,14 +27,20 @@ from lightning_reshape.checkpoint.convert import convert_checkpoint  # noqa: E40
 from lightning_reshape.checkpoint.verify import verify  # noqa: E402
 from lightning_reshape.errors import LayoutError  # noqa: E402
 
-PAIRS = [(2, 1), (2, 3), (1, 2), (3, 2)]  # (source pp, target pp), dp 1, ZeRO 1
+# (source pp, target pp, target dp); sources at dp 1, ZeRO 1
+PAIRS = [(2, 1, 1), (2, 3, 1), (1, 2, 1), (3, 2, 1), (2, 1, 2)]
 
 
-def _convert(root: Path, src_pp: int, pp: int) -> tuple[str, str, PPSpec, str]:
+def _label(src_pp: int, pp: int, dp: int) -> str:
+    return f"pp{src_pp}->pp{pp}dp{dp}"
+
+
+def _convert(root: Path, src_pp: int, pp: int, dp: int = 1) -> tuple[str, str, PPSpec, str]:
     src = root / "src" / f"pp{src_pp}"
-    dst = root / "out" / f"pp{src_pp}to{pp}"
-    convert_checkpoint(src, dst, tp=1, pp=pp, dp=1)
-    return (f"pp{src_pp}->pp{pp}", str(dst), PPSpec(f"pp{src_pp}", pp), str(src / "expected.pt"))
+    dst = root / "out" / f"pp{src_pp}to{pp}dp{dp}"
+    convert_checkpoint(src, dst, tp=1, pp=pp, dp=dp)
+    label = _label(src_pp, pp, dp)
+    return (label, str(dst), PPSpec(f"pp{src_pp}", pp), str(src / "expected.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,7 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     res3, p3 = run_distributed(
         train_and_load_worker, 3, src, [PPSpec("pp3", 3)], [_convert(root, 2, 3)], timeout=300
     )[0]
-    jobs2 = [_convert(root, 1, 2), _convert(root, 3, 2)]
+    jobs2 = [_convert(root, 1, 2), _convert(root, 3, 2), _convert(root, 2, 1, 2)]
     res2 = run_distributed(load_worker, 2, jobs2, timeout=300)[0]
     return {"root": root, "parts": {**parts, **p1, **p3}, "results": {**res1, **res3, **res2}}
 
@@ -58,9 +65,9 @@ def test_stages_are_unbalanced_by_layer_count(pp_grid: dict[str, Any]) -> None:
     assert [int(x) for x in pp_grid["parts"]["pp3"]] == [0, 2, 4, 6]
 
 
-@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"pp{p[0]}->pp{p[1]}")
-def test_pp_reshape_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[int, int]) -> None:
-    assert pp_grid["results"][f"pp{pair[0]}->pp{pair[1]}"] == []
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: _label(*p))
+def test_pp_reshape_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[int, int, int]) -> None:
+    assert pp_grid["results"][_label(*pair)] == []
 
 
 def test_round_trip_pp_2_3_1_2_verifies_equal(pp_grid: dict[str, Any], tmp_path: Path) -> None:
