@@ -9,23 +9,16 @@ loads (pp 2, and pp 1 at dp 2)."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from deepspeed_harness import run_distributed  # noqa: E402
-from pp_workers import PPSpec, load_worker, train_and_load_worker, train_worker  # noqa: E402
-
-from lightning_reshape.checkpoint.convert import convert_checkpoint  # noqa: E402
-from lightning_reshape.checkpoint.verify import verify  # noqa: E402
-from lightning_reshape.errors import LayoutError  # noqa: E402
+from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.verify import verify
+from lightning_reshape.errors import LayoutError
+from tests.deepspeed_harness import run_distributed
+from tests.reshape.pp_workers import PPSpec, load_worker, train_and_load_worker, train_worker
 
 # (source pp, target pp, target dp); sources at dp 1, ZeRO 1
 PAIRS = [(2, 1, 1), (2, 3, 1), (1, 2, 1), (3, 2, 1), (2, 1, 2)]

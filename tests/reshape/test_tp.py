@@ -9,25 +9,18 @@ tp 4 sources; every 2-process load."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from deepspeed_harness import run_distributed  # noqa: E402
-from tp_workers import TAG, TPSpec, load_worker, train_and_load_worker, train_worker  # noqa: E402
-
-from lightning_reshape.checkpoint.convert import convert_checkpoint  # noqa: E402
-from lightning_reshape.checkpoint.reader import read_manifest  # noqa: E402
-from lightning_reshape.checkpoint.sidecar import read_sidecar, write_sidecar  # noqa: E402
-from lightning_reshape.checkpoint.verify import verify  # noqa: E402
-from lightning_reshape.errors import CheckpointError  # noqa: E402
+from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.reader import read_manifest
+from lightning_reshape.checkpoint.sidecar import read_sidecar, write_sidecar
+from lightning_reshape.checkpoint.verify import verify
+from lightning_reshape.errors import CheckpointError
+from tests.deepspeed_harness import run_distributed
+from tests.reshape.tp_workers import TAG, TPSpec, load_worker, train_and_load_worker, train_worker
 
 OPT = {1: "adamw", 2: "adagrad", 3: "adamw"}  # no Adagrad under ZeRO 3: DeepSpeed cannot load it
 
