@@ -5,7 +5,7 @@ loaded by a PipelineModule engine at the target pp with stock
 buffer must equal the source's bit for bit.
 
 Four launches: pp 2 source; pp 1 loads + pp 1 source; pp 3 loads + pp 3 source; 2-process
-loads (pp 2, and pp 1 at dp 2)."""
+loads (pp 2, and pp 1 at dp 2). Sources: pp 1, 2, 3 at dp 1 and pp 1 at dp 2."""
 
 from __future__ import annotations
 
@@ -20,34 +20,42 @@ from lightning_reshape.errors import LayoutError
 from tests.deepspeed_harness import run_distributed
 from tests.reshape.pp_workers import PPSpec, load_worker, train_and_load_worker, train_worker
 
-# (source pp, target pp, target dp); sources at dp 1, ZeRO 1
-PAIRS = [(2, 1, 1), (2, 3, 1), (1, 2, 1), (3, 2, 1), (2, 1, 2)]
+# (source, target pp, target dp); sources "ppN" are at dp 1, "pp1dp2" at dp 2; ZeRO 1
+PAIRS = [
+    ("pp2", 1, 1),
+    ("pp2", 3, 1),
+    ("pp1", 2, 1),
+    ("pp3", 2, 1),
+    ("pp2", 1, 2),  # pp 2 dp 1 -> pp 1 dp 2
+    ("pp1dp2", 2, 1),  # pp 1 dp 2 -> pp 2 dp 1: ZeRO partitions of a dp 2 source
+]
 
 
-def _label(src_pp: int, pp: int, dp: int) -> str:
-    return f"pp{src_pp}->pp{pp}dp{dp}"
+def _label(src: str, pp: int, dp: int) -> str:
+    return f"{src}->pp{pp}dp{dp}"
 
 
-def _convert(root: Path, src_pp: int, pp: int, dp: int = 1) -> tuple[str, str, PPSpec, str]:
-    src = root / "src" / f"pp{src_pp}"
-    dst = root / "out" / f"pp{src_pp}to{pp}dp{dp}"
+def _convert(root: Path, src_name: str, pp: int, dp: int = 1) -> tuple[str, str, PPSpec, str]:
+    src = root / "src" / src_name
+    dst = root / "out" / f"{src_name}to{pp}dp{dp}"
     convert_checkpoint(src, dst, tp=1, pp=pp, dp=dp)
-    label = _label(src_pp, pp, dp)
-    return (label, str(dst), PPSpec(f"pp{src_pp}", pp), str(src / "expected.pt"))
+    return (_label(src_name, pp, dp), str(dst), PPSpec(src_name, pp), str(src / "expected.pt"))
 
 
 @pytest.fixture(scope="module")
 def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("pp")
     src = str(root / "src")
-    parts = run_distributed(train_worker, 2, src, [PPSpec("pp2", 2)], timeout=300)[0]
+    parts = run_distributed(
+        train_worker, 2, src, [PPSpec("pp2", 2), PPSpec("pp1dp2", 1)], timeout=300
+    )[0]
     res1, p1 = run_distributed(
-        train_and_load_worker, 1, src, [PPSpec("pp1", 1)], [_convert(root, 2, 1)], timeout=300
+        train_and_load_worker, 1, src, [PPSpec("pp1", 1)], [_convert(root, "pp2", 1)], timeout=300
     )[0]
     res3, p3 = run_distributed(
-        train_and_load_worker, 3, src, [PPSpec("pp3", 3)], [_convert(root, 2, 3)], timeout=300
+        train_and_load_worker, 3, src, [PPSpec("pp3", 3)], [_convert(root, "pp2", 3)], timeout=300
     )[0]
-    jobs2 = [_convert(root, 1, 2), _convert(root, 3, 2), _convert(root, 2, 1, 2)]
+    jobs2 = [_convert(root, s, pp, dp) for s, pp, dp in PAIRS if pp * dp == 2]
     res2 = run_distributed(load_worker, 2, jobs2, timeout=300)[0]
     return {"root": root, "parts": {**parts, **p1, **p3}, "results": {**res1, **res3, **res2}}
 
@@ -59,7 +67,7 @@ def test_stages_are_unbalanced_by_layer_count(pp_grid: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: _label(*p))
-def test_pp_reshape_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[int, int, int]) -> None:
+def test_pp_reshape_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[str, int, int]) -> None:
     assert pp_grid["results"][_label(*pair)] == []
 
 
