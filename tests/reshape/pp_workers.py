@@ -19,6 +19,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, write_sidecar
+from lightning_reshape.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
 VOCAB = 16
 HIDDEN = 8
 TAG = "step2"
@@ -55,6 +58,38 @@ class Head(nn.Module):
         return self.proj(x)
 
 
+class TPEmbed(nn.Module):
+    """Vocabulary-parallel embedding (tensor-parallel pipeline model)."""
+
+    def __init__(self, group: Any) -> None:
+        super().__init__()
+        self.emb = VocabParallelEmbedding(VOCAB, HIDDEN, group, seed=1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.emb(ids)
+
+
+class TPBlock(nn.Module):
+    """Column- then row-parallel MLP with a residual; the row bias is replicated."""
+
+    def __init__(self, group: Any, width: int, seed: int) -> None:
+        super().__init__()
+        self.fc = ColumnParallelLinear(HIDDEN, width, group, seed=seed)
+        self.out = RowParallelLinear(width, HIDDEN, group, seed=seed + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.out(torch.relu(self.fc(x)))
+
+
+class TPHead(nn.Module):
+    def __init__(self, group: Any) -> None:
+        super().__init__()
+        self.proj = ColumnParallelLinear(HIDDEN, VOCAB, group, gather_output=True, seed=9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.view(-1, VOCAB), labels.view(-1))
 
@@ -68,6 +103,17 @@ class PPSpec:
     stage: int = 1
     optimizer: str = "adamw"
     steps: int = 2
+    tp: int = 0  # 0: the plain model; >= 1: the tensor-parallel model at this tp
+
+
+def _tp_group(topo: Any) -> Any:
+    """This rank's tensor-parallel group (the topology's "model" axis); every rank creates all."""
+    mine = None
+    for ranks in topo.get_axis_comm_lists("model"):
+        group = dist.new_group(ranks)
+        if dist.get_rank() in ranks:
+            mine = group
+    return mine
 
 
 def _engine(spec: PPSpec, world: int) -> Any:
@@ -76,9 +122,18 @@ def _engine(spec: PPSpec, world: int) -> Any:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     torch.manual_seed(0)
-    topo = PipeModelDataParallelTopology(num_pp=spec.pp, num_mp=1, num_dp=world // spec.pp)
+    tp = max(spec.tp, 1)
+    topo = PipeModelDataParallelTopology(num_pp=spec.pp, num_mp=tp, num_dp=world // spec.pp // tp)
     widths = (8, 16, 8, 24)  # unequal layers: "parameters" balancing differs from "uniform"
-    layers = [LayerSpec(Embed), *[LayerSpec(Block, w) for w in widths], LayerSpec(Head)]
+    if spec.tp:
+        group = _tp_group(topo)
+        layers = [
+            LayerSpec(TPEmbed, group),
+            *[LayerSpec(TPBlock, group, w, 10 * i) for i, w in enumerate(widths)],
+            LayerSpec(TPHead, group),
+        ]
+    else:
+        layers = [LayerSpec(Embed), *[LayerSpec(Block, w) for w in widths], LayerSpec(Head)]
     model = PipelineModule(layers=layers, topology=topo, loss_fn=_loss)
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":
@@ -117,13 +172,40 @@ def _state(engine: Any) -> dict[str, Any]:
     for st in opt.optimizer.state.values():
         keys.update(k for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0)
     fp32, states = {}, {}
+    group = engine.grid.get_slice_parallel_group()
     for name, p in engine.module.named_parameters():
-        fp32[name] = safe_get_full_fp32_param(p).detach().clone()
+        fp32[name] = _join(safe_get_full_fp32_param(p), p, group)
         states[name] = {
-            k: safe_get_full_optimizer_state(p, k).detach().clone() for k in sorted(keys)
+            k: _join(safe_get_full_optimizer_state(p, k), p, group) for k in sorted(keys)
         }
     buffers = {n: b.detach().clone() for n, b in engine.module.named_buffers()}
     return {"fp32": fp32, "states": states, "buffers": buffers}
+
+
+def _join(local: torch.Tensor, param: torch.Tensor, group: Any) -> Any:
+    """The logical tensor: tp shards joined along the split dim (replicated ones must agree)."""
+    local = local.detach().clone().contiguous()
+    world = dist.get_world_size(group)
+    if world == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local, group=group)
+    if getattr(param, "tensor_model_parallel", False):
+        return torch.cat(parts, dim=int(param.partition_dim))
+    if any(not torch.equal(parts[0], x) for x in parts[1:]):
+        return "replicated tensor differs across tp ranks"
+    return parts[0]
+
+
+def _splits(engine: Any) -> dict[str, Any]:
+    """Every stage's tensor-parallel splits (what the strategy's sidecar records)."""
+    mine = {
+        n: TPSplit(int(p.partition_dim)) if getattr(p, "tensor_model_parallel", False) else None
+        for n, p in engine.module.named_parameters()
+    }
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _gathered(engine: Any) -> dict[str, Any]:
@@ -149,8 +231,13 @@ def train_worker(rank: int, world: int, out_dir: str, specs: list[PPSpec]) -> di
         save_dir = os.path.join(out_dir, spec.name)
         engine.save_checkpoint(save_dir, tag=TAG, client_state={"epoch": 7})
         expected = _gathered(engine)
+        splits = _splits(engine) if spec.tp else None
         if rank == 0:
             torch.save(expected, os.path.join(save_dir, "expected.pt"))
+            if splits is not None:
+                dp = world // spec.pp // spec.tp
+                sidecar = Sidecar(spec.tp, spec.pp, dp, spec.stage, tp_splits=splits)
+                write_sidecar(os.path.join(save_dir, TAG), sidecar)
         parts[spec.name] = list(engine.module.parts)
         dist.barrier()
         del engine
@@ -159,7 +246,12 @@ def train_worker(rank: int, world: int, out_dir: str, specs: list[PPSpec]) -> di
 
 
 def _diff(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
-    out = []
+    out = [f"{n}: {v}" for n, v in got["fp32"].items() if isinstance(v, str)]
+    for part in (expected, got):
+        if any(isinstance(v, str) for st in part["states"].values() for v in st.values()):
+            out.append("an optimizer state of a replicated tensor differs across tp ranks")
+    if out:
+        return out
     for part in ("fp32", "buffers"):
         if set(expected[part]) != set(got[part]):
             out.append(f"{part}: names {sorted(expected[part])} vs {sorted(got[part])}")

@@ -29,17 +29,24 @@ PAIRS = [
     ("pp2", 1, 2),  # pp 2 dp 1 -> pp 1 dp 2
     ("pp1dp2", 2, 1),  # pp 1 dp 2 -> pp 2 dp 1: ZeRO partitions of a dp 2 source
 ]
+# tensor-parallel pipeline model (column/row/vocabulary parallel layers, sidecar):
+# (source, target tp, target pp); tp and pp swap places at 2 processes
+TP_PAIRS = [("tp2pp1", 1, 2), ("tp1pp2", 2, 1)]
 
 
 def _label(src: str, pp: int, dp: int) -> str:
     return f"{src}->pp{pp}dp{dp}"
 
 
-def _convert(root: Path, src_name: str, pp: int, dp: int = 1) -> tuple[str, str, PPSpec, str]:
+def _convert(
+    root: Path, src_name: str, pp: int, dp: int = 1, tp: int = 0
+) -> tuple[str, str, PPSpec, str]:
+    """Convert; ``tp=0`` is the plain model at tp 1, ``tp >= 1`` the tensor-parallel one."""
     src = root / "src" / src_name
-    dst = root / "out" / f"{src_name}to{pp}dp{dp}"
-    convert_checkpoint(src, dst, tp=1, pp=pp, dp=dp)
-    return (_label(src_name, pp, dp), str(dst), PPSpec(src_name, pp), str(src / "expected.pt"))
+    label = _label(src_name, pp, dp) if not tp else f"{src_name}->tp{tp}pp{pp}"
+    dst = root / "out" / label.replace(">", "")
+    convert_checkpoint(src, dst, tp=max(tp, 1), pp=pp, dp=dp)
+    return (label, str(dst), PPSpec(src_name, pp, tp=tp), str(src / "expected.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +54,16 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("pp")
     src = str(root / "src")
     parts = run_distributed(
-        train_worker, 2, src, [PPSpec("pp2", 2), PPSpec("pp1dp2", 1)], timeout=300
+        train_worker,
+        2,
+        src,
+        [
+            PPSpec("pp2", 2),
+            PPSpec("pp1dp2", 1),
+            PPSpec("tp2pp1", 1, tp=2),
+            PPSpec("tp1pp2", 2, tp=1),
+        ],
+        timeout=300,
     )[0]
     res1, p1 = run_distributed(
         train_and_load_worker, 1, src, [PPSpec("pp1", 1)], [_convert(root, "pp2", 1)], timeout=300
@@ -56,6 +72,7 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         train_and_load_worker, 3, src, [PPSpec("pp3", 3)], [_convert(root, "pp2", 3)], timeout=300
     )[0]
     jobs2 = [_convert(root, s, pp, dp) for s, pp, dp in PAIRS if pp * dp == 2]
+    jobs2 += [_convert(root, s, pp, tp=tp) for s, tp, pp in TP_PAIRS]
     res2 = run_distributed(load_worker, 2, jobs2, timeout=300)[0]
     return {"root": root, "parts": {**parts, **p1, **p3}, "results": {**res1, **res3, **res2}}
 
@@ -69,6 +86,11 @@ def test_stages_are_unbalanced_by_layer_count(pp_grid: dict[str, Any]) -> None:
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: _label(*p))
 def test_pp_reshape_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[str, int, int]) -> None:
     assert pp_grid["results"][_label(*pair)] == []
+
+
+@pytest.mark.parametrize("pair", TP_PAIRS, ids=lambda p: f"{p[0]}->tp{p[1]}pp{p[2]}")
+def test_tp_pp_swap_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[str, int, int]) -> None:
+    assert pp_grid["results"][f"{pair[0]}->tp{pair[1]}pp{pair[2]}"] == []
 
 
 def test_round_trip_pp_2_3_1_2_verifies_equal(pp_grid: dict[str, Any], tmp_path: Path) -> None:
