@@ -11,6 +11,7 @@ with it there, and a reshaped copy is written beside the original before DeepSpe
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import time
@@ -149,6 +150,11 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
             reset_seed()
             self.set_world_ranks()
             self._init_deepspeed_distributed()
+        # Lightning's DDP destroys its process groups at exit; deepspeed.init_distributed does
+        # not, and gloo groups torn down during interpreter shutdown can abort the process.
+        from lightning.fabric.utilities.distributed import _destroy_dist_connection
+
+        atexit.register(_destroy_dist_connection)
         layout = self.parallel.resolve(self.world_size)
         # Groups outlive teardown on purpose: Trainer.save_checkpoint after fit still needs
         # them (as DDP keeps its world group); a second fit on the same layout reuses them.
@@ -350,14 +356,15 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 f"{saved.tp * saved.pp * saved.dp} devices"
             )
         target = self._reshaped_dir(checkpoint_path, current, policy)
-        self._reshape(checkpoint_path, target, current, policy)
+        reused = self._reshape(checkpoint_path, target, current, policy)
         seconds = time.perf_counter() - start
         zero_note = ""
         if saved.zero_stage != current.zero_stage:
             zero_note = f" (ZeRO {current.zero_stage})"
+        done = "reused the complete reshaped copy" if reused else "reshaped"
         rank_zero_info(
             f"lightning-reshape: checkpoint {checkpoint_path} saved at {saved.describe()} "
-            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}{zero_note}: reshaped in "
+            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}{zero_note}: {done} in "
             f"{seconds:.1f} s into {target}"
         )
         client_state = self._engine_load(target)
@@ -383,8 +390,10 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _reshape(
         self, source: str, target: str, current: SavedTopology, policy: ReshapePolicy
-    ) -> None:
+    ) -> bool:
         """Write the reshaped copy at ``target``, every rank writing its share of the files.
+
+        Returns True when a complete copy of the same plan was already there (reused as is).
 
         Plan on every rank (metadata only), rank 0 prepares the partial folder, each rank
         executes ``plan.shard(rank, world)``, rank 0 renames the folder into place. An error on
@@ -438,6 +447,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 os.replace(tmp, latest)
 
         self._on_zero(finish, source, current)
+        return bool(complete)
 
     def _on_all(self, fn: Callable[[], _T], source: str, current: SavedTopology) -> _T:
         """Run ``fn`` on every rank; if any rank fails, every rank raises its message."""
