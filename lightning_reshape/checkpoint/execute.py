@@ -5,7 +5,9 @@ Why: a checkpoint can be far larger than memory. Each target file is first writt
 right size, metadata only), then every planned copy moves bytes from the source file's storage
 record to the target's with ``os.copy_file_range`` (in the kernel, no user-space buffer); only
 dtype casts go through a small buffer. Memory stays at the metadata plus one chunk, whatever the
-size of the checkpoint. Source files are only ever opened read-only.
+size of the checkpoint. Source files are only ever opened read-only. Adjacent runs are merged into
+one copy, and write-back of copied blocks starts at once, so the closing fsync overlaps the copy
+(measured: the library call costs about one durable ``cat`` of the same bytes).
 
 Output protocol: files go into a partial folder beside the destination (``.<tag>.partial``),
 each written as ``name.tmp`` then renamed; when all are there the folder is fsynced and renamed to

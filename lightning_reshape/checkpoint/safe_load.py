@@ -93,7 +93,8 @@ def _resolve(dotted: str) -> Any | None:
 def _register(names: Iterable[str]) -> bool:
     """Add the named allow-list entries to torch's set (once each); True if any was new.
 
-    Caller holds ``_LOCK``.
+    Caller holds ``_LOCK``. A name that cannot be resolved now is not remembered, so it is tried
+    again later (say, once its package has finished importing).
     """
     new: list[Any] = []
     if "<stdlib>" not in _registered:
@@ -102,9 +103,9 @@ def _register(names: Iterable[str]) -> bool:
     for dotted in names:
         if dotted in _registered:
             continue
-        _registered.add(dotted)
         obj = _resolve(dotted)
         if obj is not None:
+            _registered.add(dotted)
             new.append(obj)
     if new:
         torch.serialization.add_safe_globals(new)
@@ -159,7 +160,7 @@ def _load(path: str, kwargs: dict[str, Any]) -> Any:
                 refused = _refused_type(str(exc))
                 if not (_is_refusal(str(exc)) and refused in _ALLOWED_NAMES):
                     raise
-                if not _register([refused]):
+                if refused in _registered or not _register([refused]):
                     raise  # allow-listed but not importable here: refuse as unknown
 
 
