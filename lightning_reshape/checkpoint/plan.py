@@ -11,7 +11,10 @@ Target layouts are DeepSpeed's own, computed by :mod:`zero_layout` for the targe
 flat partitions (alignment, padding, ``param_slice_mappings``, ``group_paddings``), ZeRO 3
 per-parameter partitions and sub-groups, model-states files per model-parallel rank with
 ``dp_world_size``/``mp_world_size``/``checkpoint_parallel_dimensions`` updated, tensor-parallel
-shards cut by the split (dim, stride) recorded for each parameter. Values are moved bit for bit;
+shards cut by the split (dim, stride) recorded for each parameter, and for pipeline-engine
+checkpoints the layer files (keyed by global layer index, so moving a layer is renaming it) with
+the target stages balanced as ``PipelineModule``'s default ``partition_method="parameters"``
+balances them, each stage's ZeRO 1 state re-partitioned. Values are moved bit for bit;
 the only conversion is a ZeRO 3 source's fp32 master cast to the model dtype to fill a ZeRO 1/2
 module weight, which is what DeepSpeed itself does after every step.
 """
@@ -155,9 +158,9 @@ class TargetFile:
                 out[c.src_file] = out.get(c.src_file, 0) + c.numel * _ELEMENT_SIZE.get(
                     c.src_dtype, 4
                 )
-            for it in self.items:
-                if isinstance(it, Carry):
-                    out.setdefault(it.src_file, 0)
+        for it in self.items:  # a file that only carries values is a source too
+            if isinstance(it, Carry):
+                out.setdefault(it.src_file, 0)
         return out
 
 
