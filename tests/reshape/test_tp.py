@@ -47,9 +47,10 @@ PAIRS_AFTER_W2 = [
     ("tp2dp1z1", 4, 1, 1),  # tp 2 -> 4
     ("tp2dp1z2", 4, 1, 2),
     ("tp2dp1z3", 4, 1, 3),
+    ("tp2dp1z2", 2, 2, 2),  # dp 1 -> 2 at tp 2 (4 processes)
 ]
 PAIRS_AFTER_W1 = [("tp1dp1z1", 2, 1, 1), ("tp1dp1z2", 2, 1, 2), ("tp1dp1z3", 2, 1, 3)]  # 1 -> 2
-PAIRS_AFTER_W4 = [("tp4dp1z1", 2, 1, 1), ("tp4dp1z2", 2, 1, 2)]  # 4 -> 2
+PAIRS_AFTER_W4 = [("tp4dp1z1", 2, 1, 1), ("tp4dp1z2", 2, 1, 2)]  # 4 -> 2 (ZeRO 3: see 2 -> 4)
 ALL_PAIRS = PAIRS_AFTER_W2 + PAIRS_AFTER_W1 + PAIRS_AFTER_W4
 
 
