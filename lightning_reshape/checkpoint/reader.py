@@ -1038,19 +1038,10 @@ def _zero12_optim(
             flat = parts[dp][0]
             base_state = osd["base_optimizer_state"]["state"]
             flat_keys, scalar_keys = _flat_state_keys(base_state, g, flat.numel())
-            for k in scalar_keys:
-                val = _scalar(base_state[g][k])
-                b.scalars.append(
-                    ScalarState(
-                        owner=f"mp{mp}.group{g}",
-                        state_key=k,
-                        value=val,
-                        file=file,
-                        key=("optimizer_state_dict", "base_optimizer_state", "state", g, k),
-                    )
-                )
-                if k == "step":
-                    steps_seen.setdefault(f"group{g}", set()).add((val, file))
+            _record_scalars(
+                b, base_state[g], scalar_keys, mp, g, file,
+                ("optimizer_state_dict", "base_optimizer_state", "state", g), steps_seen,
+            )  # fmt: skip
             lo, hi = dp * psize, dp * psize + flat.numel()
             for name, (poff, n, shape_t) in offsets.items():
                 s, e = max(poff, lo), min(poff + n, hi)
@@ -1092,6 +1083,28 @@ def _zero12_optim(
     _check_steps(b, steps_seen)
     for dp, sd in sds.items():
         _optim_refs(b, f.optim[(dp, mp)], sd["optimizer_state_dict"], ("optimizer_state_dict",))
+
+
+def _record_scalars(
+    b: _Builder,
+    state: Mapping[str, Any],
+    keys: list[str],
+    mp: int,
+    g: int,
+    file: str,
+    key_prefix: tuple[Any, ...],
+    steps_seen: dict[str, Any],
+) -> None:
+    """Record a flat group's scalar optimizer states; remember each ``step`` to compare ranks."""
+    for k in keys:
+        val = _scalar(state[k])
+        b.scalars.append(
+            ScalarState(
+                owner=f"mp{mp}.group{g}", state_key=k, value=val, file=file, key=(*key_prefix, k)
+            )
+        )
+        if k == "step":
+            steps_seen.setdefault(f"group{g}", set()).add((val, file))
 
 
 def _check_steps(b: _Builder, steps_seen: Mapping[str, set[tuple[Any, str]]]) -> None:
@@ -1150,19 +1163,10 @@ def _zero3_optim(
         for g, t in enumerate(groups):
             fk, sk = _flat_state_keys(inner, g, t.numel())
             flat_keys[g] = fk
-            for k in sk:
-                val = _scalar(inner[g][k])
-                b.scalars.append(
-                    ScalarState(
-                        owner=f"mp{mp}.group{g}",
-                        state_key=k,
-                        value=val,
-                        file=file,
-                        key=("optimizer_state_dict", "optimizer_state_dict", "state", g, k),
-                    )
-                )
-                if k == "step":
-                    steps_seen.setdefault(f"group{g}", set()).add((val, file))
+            _record_scalars(
+                b, inner[g], sk, mp, g, file,
+                ("optimizer_state_dict", "optimizer_state_dict", "state", g), steps_seen,
+            )  # fmt: skip
         cursor = 0
         for name, shape in ordered:
             n = _prod(shape)
