@@ -37,7 +37,7 @@ class AutoReshapeSchema:
     enabled: bool = True
     output_dir: Optional[str] = None  # noqa: UP045 - default: beside the checkpoint
     keep_old: bool = True
-    verify: bool = True
+    verify: bool = False
     trust_checkpoint: bool = False
     workers: int = 1
 
