@@ -7,6 +7,8 @@ dp 2 with ``ReshapeDeepSpeedStrategy`` (an ~85M-parameter MLP), then times, each
 
 - resume at the saved dp (no change: plain DeepSpeed load), at dp 1 and at dp 2;
 - resume at the other dp (change: the strategy writes a reshaped copy, DeepSpeed loads it);
+- the same change with ``AutoReshape(direct=True)`` (each rank fills its ZeRO partitions straight
+  from the slices of the source it owns; no copy written);
 - DeepSpeed's own path for the same change: ``ds_to_universal`` (timed as a process) plus a
   ``load_universal`` resume at dp 1.
 
@@ -36,7 +38,7 @@ def _worker(spec: dict[str, Any]) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_reshape.lightning import ReshapeDeepSpeedStrategy
+    from lightning_reshape.lightning import AutoReshape, ReshapeDeepSpeedStrategy
 
     class Plain(ReshapeDeepSpeedStrategy):
         """DeepSpeed's own load (Lightning's DeepSpeedStrategy behaviour, on CPU)."""
@@ -91,6 +93,7 @@ def _worker(spec: dict[str, Any]) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
+        callbacks=[AutoReshape(direct=True)] if spec.get("direct") else None,
     )
     module = MLP()
     loader = DataLoader(torch.randn(64, HIDDEN), batch_size=2)
@@ -165,6 +168,12 @@ def main() -> None:
     up = timed("dp 1 -> dp 2 (reshape)", {"devices": 2, "resume": str(ckpts[1])})
     same1 = timed("dp 1 -> dp 1 (no change)", {"devices": 1, "resume": str(ckpts[1])})
     down = timed("dp 2 -> dp 1 (reshape)", {"devices": 1, "resume": str(ckpts[2])})
+    up_direct = timed(
+        "dp 1 -> dp 2 (direct)", {"devices": 2, "resume": str(ckpts[1]), "direct": True}
+    )
+    down_direct = timed(
+        "dp 2 -> dp 1 (direct)", {"devices": 1, "resume": str(ckpts[2]), "direct": True}
+    )
     uni = work / "universal"
     shutil.rmtree(uni, ignore_errors=True)
     uni.mkdir()
@@ -196,7 +205,12 @@ def main() -> None:
         load = r["load_checkpoint"]
         print(f"{name:<34} {r['fit_to_first_step']:>16.2f} {load or 0:>8.2f} {wall:>10.2f}")
     print(f"{'ds_to_universal (offline)':<34} {'':>16} {'':>8} {to_universal:>10.2f}")
-    for name, r, base in (("dp 1 -> 2", up, same2), ("dp 2 -> 1", down, same1)):
+    for name, r, base in (
+        ("dp 1 -> 2", up, same2),
+        ("dp 2 -> 1", down, same1),
+        ("dp 1 -> 2 direct", up_direct, same2),
+        ("dp 2 -> 1 direct", down_direct, same1),
+    ):
         print(
             f"{name}: fit->first step {r['fit_to_first_step'] / base['fit_to_first_step']:.2f}x "
             f"the unchanged resume (target <= 1.5x); load_checkpoint "

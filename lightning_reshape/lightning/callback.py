@@ -33,6 +33,10 @@ class ReshapePolicy:
     - ``trust_checkpoint``: allow arbitrary pickled types when reading the source.
     - ``workers``: reader/writer threads per rank for the reshape.
     - ``tp_rules``: passed to the converter for parameters without recorded split info.
+    - ``direct``: for a data-parallel-only change under ZeRO 1/2 (same tp, pp=1, same stage),
+      load straight into the engine, each rank reading only the slices it owns, and write no
+      copy (bit for bit what loading a reshaped copy gives); other changes still write a copy.
+      Off by default.
     """
 
     enabled: bool = True
@@ -42,6 +46,7 @@ class ReshapePolicy:
     trust_checkpoint: bool = False
     workers: int = 1
     tp_rules: Sequence[Any] | None = None
+    direct: bool = False
 
 
 @dataclass
@@ -70,6 +75,7 @@ class AutoReshape(Callback):
         trust_checkpoint: bool = False,
         workers: int = 1,
         tp_rules: Sequence[Any] | None = None,
+        direct: bool = False,
     ) -> None:
         self.policy = ReshapePolicy(
             enabled=enabled,
@@ -79,6 +85,7 @@ class AutoReshape(Callback):
             trust_checkpoint=trust_checkpoint,
             workers=workers,
             tp_rules=tp_rules,
+            direct=direct,
         )
         self.history: list[dict[str, int]] = []
 

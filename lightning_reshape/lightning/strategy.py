@@ -355,6 +355,8 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 f"parallel={{'tp': {saved.tp}, 'pp': {saved.pp}}} on "
                 f"{saved.tp * saved.pp * saved.dp} devices"
             )
+        if policy.direct and self._direct_possible(saved, current):
+            return self._load_direct(checkpoint_path, saved, current, policy, start)
         target = self._reshaped_dir(checkpoint_path, current, policy)
         reused = self._reshape(checkpoint_path, target, current, policy)
         seconds = time.perf_counter() - start
@@ -371,6 +373,64 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         self.last_resume = ResumeReport(checkpoint_path, saved, current, True, seconds, target)
         if not policy.keep_old and self.is_global_zero:
             _delete_other_copies(target)
+        self.barrier("lightning_reshape_loaded")
+        return client_state
+
+    def _direct_possible(self, saved: SavedTopology, current: SavedTopology) -> bool:
+        """A dp-only change under the same ZeRO 1/2 stage, on a plain ZeRO optimizer."""
+        from lightning_reshape.checkpoint.direct import direct_unsupported_reason
+
+        if (saved.tp, saved.pp, saved.zero_stage) != (current.tp, current.pp, current.zero_stage):
+            return False
+        if current.pp != 1 or current.zero_stage not in (1, 2):
+            return False
+        return direct_unsupported_reason(self.deepspeed_engine) is None
+
+    def _load_direct(
+        self,
+        checkpoint_path: str,
+        saved: SavedTopology,
+        current: SavedTopology,
+        policy: ReshapePolicy,
+        start: float,
+    ) -> dict[str, Any]:
+        """Path (b): DeepSpeed loads the module, each rank fills its own ZeRO partitions from
+        the slices of the source it owns (checkpoint/direct.py); no copy is written."""
+        from lightning_reshape.checkpoint.direct import load_direct
+        from lightning_reshape.checkpoint.reader import read_manifest
+
+        assert self.lightning_module is not None
+        manifest = self._on_all(
+            lambda: read_manifest(
+                checkpoint_path,
+                trust_checkpoint=policy.trust_checkpoint,
+                tp_rules=policy.tp_rules or (),
+            ),
+            checkpoint_path,
+            current,
+        )
+        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        client_state = self._on_all(
+            lambda: load_direct(
+                self.deepspeed_engine,
+                checkpoint_path,
+                load_optimizer_states=fitting,
+                load_module_strict=self.lightning_module.strict_loading,
+                tp_rank=self.mpu.get_model_parallel_rank(),
+                manifest=manifest,
+            ),
+            checkpoint_path,
+            current,
+        )
+        seconds = time.perf_counter() - start
+        rank_zero_info(
+            f"lightning-reshape: checkpoint {checkpoint_path} saved at {saved.describe()} "
+            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}: loaded directly in "
+            f"{seconds:.1f} s (no copy written)"
+        )
+        self.last_resume = ResumeReport(
+            checkpoint_path, saved, current, True, seconds, checkpoint_path
+        )
         self.barrier("lightning_reshape_loaded")
         return client_state
 
