@@ -57,7 +57,7 @@ class RunSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _make_optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
+def make_optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
     params = [p for p in params if p.requires_grad]
     if kind == "adam":
         return torch.optim.Adam(params, lr=1e-2)
@@ -142,7 +142,7 @@ def _full_states(engine: Any, param: torch.nn.Parameter) -> dict[str, torch.Tens
 def _train_and_save(rank: int, spec: RunSpec, out_dir: str, model: nn.Module, mpu: Any) -> None:
     import deepspeed
 
-    optimizer = _make_optimizer(spec.optimizer, model.parameters())
+    optimizer = make_optimizer(spec.optimizer, model.parameters())
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=_ds_config(spec), mpu=mpu
     )
@@ -363,7 +363,7 @@ def pipe_worker(rank: int, world_size: int, out_dir: str, pp: int, specs: list[R
         cfg = _ds_config(spec)
         cfg["train_micro_batch_size_per_gpu"] = 2
         cfg["gradient_accumulation_steps"] = 2
-        optimizer = _make_optimizer(spec.optimizer, model.parameters())
+        optimizer = make_optimizer(spec.optimizer, model.parameters())
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=cfg)
         dp_rank = engine.grid.get_data_parallel_rank()
         for step in range(spec.steps):

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from workers import Spec, _engine, _train, train_worker
 
 from lightning_reshape.checkpoint.convert import convert_checkpoint
 from lightning_reshape.checkpoint.direct import load_direct
+from tests.reshape.workers import Spec, _engine, _train, train_worker
 
 
 def _equal(a: Any, b: Any, where: str, out: list[str]) -> None:

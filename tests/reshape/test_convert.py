@@ -15,17 +15,11 @@ from typing import Any
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from deepspeed_harness import run_distributed  # noqa: E402
-from workers import Spec, load_worker, train_and_load_worker, train_worker  # noqa: E402
-
-from lightning_reshape.checkpoint.convert import convert_checkpoint  # noqa: E402
-from lightning_reshape.checkpoint.verify import verify  # noqa: E402
-from lightning_reshape.errors import ReshapeError  # noqa: E402
+from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.verify import verify
+from lightning_reshape.errors import ReshapeError
+from tests.deepspeed_harness import run_distributed
+from tests.reshape.workers import Spec, load_worker, train_and_load_worker, train_worker
 
 MORE = 3
 SOURCES = {

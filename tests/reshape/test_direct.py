@@ -7,20 +7,13 @@ Three launches: dp 2 sources; dp 1 sources + loads of the dp 2 ones; dp 2 loads 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE.parent), str(_HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-from deepspeed_harness import run_distributed  # noqa: E402
-from direct_workers import both_paths_worker, train_then_both_worker  # noqa: E402
-from workers import Spec, train_worker  # noqa: E402
+from tests.deepspeed_harness import run_distributed
+from tests.reshape.direct_workers import both_paths_worker, train_then_both_worker
+from tests.reshape.workers import Spec, train_worker
 
 MORE = 2
 SPECS = [Spec("z1", 1, "adamw"), Spec("z2", 2, "adagrad")]

@@ -22,6 +22,8 @@ from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, write_sidecar
 from lightning_reshape.distributed import ParallelState
 from lightning_reshape.nn import GPTConfig, TinyGPT, vocab_parallel_cross_entropy
 from lightning_reshape.topology import ParallelConfig
+from tests.checkpoint.ds_workers import make_optimizer
+from tests.reshape.workers import zero_config
 
 CFG = GPTConfig(
     vocab_size=32, hidden=16, layers=1, heads=4, seq_len=8, ffn_hidden=32, tie_embeddings=False
@@ -48,29 +50,6 @@ class TPSpec:
     steps: int = 3
 
 
-def _optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    if kind == "adagrad":
-        return torch.optim.Adagrad(params, lr=1e-2)
-    raise ValueError(kind)
-
-
-def _config(stage: int) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 0.0,
-        "zero_allow_untested_optimizer": True,
-        "zero_optimization": {"stage": stage},
-        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}},
-        "steps_per_print": 10**9,
-    }
-    if stage == 3:
-        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    return cfg
-
-
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(2000 + step)
     ids = torch.randint(0, CFG.vocab_size, (2, CFG.seq_len + 1), generator=gen)
@@ -85,8 +64,8 @@ def _engine(spec: TPSpec, world: int) -> tuple[Any, ParallelState]:
     model = LossGPT(CFG, state)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=_optimizer(spec.optimizer, model.parameters()),
-        config=_config(spec.stage),
+        optimizer=make_optimizer(spec.optimizer, model.parameters()),
+        config=zero_config(spec.stage),
         mpu=state,
     )
     return engine, state

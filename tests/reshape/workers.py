@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from tests.checkpoint.ds_workers import make_optimizer
+
 VOCAB = 16
 HIDDEN = 8
 
@@ -55,20 +57,7 @@ class Spec:
     steps: int = 3
 
 
-def _optimizer(kind: str, params: Any) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
-    if kind == "adam":
-        return torch.optim.Adam(params, lr=1e-2)
-    if kind == "adamw":
-        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
-    if kind == "sgd":
-        return torch.optim.SGD(params, lr=1e-2, momentum=0.9)
-    if kind == "adagrad":
-        return torch.optim.Adagrad(params, lr=1e-2)
-    raise ValueError(kind)
-
-
-def _config(stage: int) -> dict[str, Any]:
+def zero_config(stage: int) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
@@ -95,8 +84,8 @@ def _engine(spec: Spec) -> Any:
     model = Net(spec.tied)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
-        optimizer=_optimizer(spec.optimizer, model.parameters()),
-        config=_config(spec.stage),
+        optimizer=make_optimizer(spec.optimizer, model.parameters()),
+        config=zero_config(spec.stage),
     )
     return engine
 
