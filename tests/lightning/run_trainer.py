@@ -228,3 +228,9 @@ def main() -> None:
 if __name__ == "__main__":
     os.environ.setdefault("PYTHONHASHSEED", "0")
     main()
+    # Leave without C++ static teardown: a worker thread of the communication stack
+    # occasionally aborts it ("terminate called without an active exception", rc -6) after
+    # all work is done and written; see examples/train.py.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
