@@ -25,6 +25,7 @@ import torch
 
 from lightning_reshape.checkpoint.manifest import ROLE_FP32, ROLE_OPTIM, Manifest, TensorEntry
 from lightning_reshape.checkpoint.reader import ShardReader, read_manifest
+from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.checkpoint.zero_layout import Fragment, zero_group_layout
 from lightning_reshape.errors import CheckpointError
 
@@ -96,7 +97,10 @@ def fill_zero12_optimizer(engine: Any, manifest: Manifest, *, tp_rank: int = 0) 
         raise CheckpointError(f"{manifest.root}: {src_file} missing")
 
     with ShardReader(manifest.root, trust_checkpoint=manifest.trusted) as reader:
-        src_osd = reader.load(src_file)["optimizer_state_dict"]
+        # the real objects (loss scaler, step tensors) go into the engine: torch's loader
+        src_osd = safe_load(
+            os.path.join(manifest.root, src_file), trust_checkpoint=manifest.trusted
+        )["optimizer_state_dict"]
         base = src_osd["base_optimizer_state"]
         n_groups = len(opt.single_partition_of_fp32_groups)
         if len(base["param_groups"]) != n_groups:

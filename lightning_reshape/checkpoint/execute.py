@@ -1,13 +1,13 @@
 """The executor: write the files of a :class:`Plan` with bounded memory, in parallel, atomically.
 
 Why: a checkpoint can be far larger than memory. Each target file is first written by
-``torch.save`` with its tensor data skipped (``torch.serialization.skip_data``: a sparse file of the
-right size, metadata only), then every planned copy moves bytes from the source file's storage
-record to the target's with ``os.copy_file_range`` (in the kernel, no user-space buffer); only
-dtype casts go through a small buffer. Memory stays at the metadata plus one chunk, whatever the
-size of the checkpoint. Source files are only ever opened read-only. Adjacent runs are merged into
-one copy, and write-back of copied blocks starts at once, so the closing fsync overlaps the copy
-(measured: the library call costs about one durable ``cat`` of the same bytes).
+:func:`torchfile.save` with its tensor data left as holes (a sparse file of the right size,
+metadata only), then every planned copy moves bytes from the source file's storage record to the
+target's with ``os.copy_file_range`` (in the kernel, no user-space buffer); only dtype casts go
+through a small buffer (and import torch). Memory stays at the metadata plus one chunk, whatever
+the size of the checkpoint. Source files are only ever opened read-only. Adjacent runs are merged
+into one copy, and write-back of copied blocks starts at once, so the closing fsync overlaps the
+copy (measured: the library call costs about one durable ``cat`` of the same bytes).
 
 Output protocol: files go into a partial folder beside the destination (``.<tag>.partial``),
 each written as ``name.tmp`` then renamed; when all are there the folder is fsynced and renamed to
@@ -17,23 +17,24 @@ the same plan fingerprint is reused; an incomplete one is redone.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.plan import Carry, Plan, SetValue, TargetFile, TensorFill
-from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.checkpoint.sidecar import write_sidecar
+from lightning_reshape.checkpoint.torchfile import Opaque, Size, TensorRef
 from lightning_reshape.errors import CheckpointError
 
 __all__ = [
@@ -97,51 +98,6 @@ def _set(obj: dict[Any, Any], key: tuple[Any, ...], value: Any) -> None:
     cur[key[-1]] = value
 
 
-def _walk_tensors(obj: Any, path: tuple[Any, ...] = ()) -> Iterable[tuple[tuple[Any, ...], Any]]:
-    if torch.is_tensor(obj):
-        yield path, obj
-    elif isinstance(obj, Mapping):
-        for k, v in obj.items():
-            yield from _walk_tensors(v, (*path, k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _walk_tensors(v, (*path, i))
-
-
-class _Mapped:
-    """A loaded (mmapped) torch file plus the byte offset of every storage in the file."""
-
-    def __init__(self, path: str, trusted: bool) -> None:
-        self.path = path
-        self.obj = safe_load(path, trust_checkpoint=trusted)
-        self.base: int | None = None
-        ptrs = sorted(
-            {
-                t.untyped_storage().data_ptr()
-                for _, t in _walk_tensors(self.obj)
-                if t.untyped_storage().nbytes() > 0
-            }
-        )
-        if not ptrs:
-            return
-        reader = torch._C.PyTorchFileReader(path)
-        offsets = sorted(
-            reader.get_record_offset(r) for r in reader.get_all_records() if "data/" in r
-        )
-        known = set(offsets)
-        for off in offsets:
-            base = ptrs[0] - off
-            if all((p - base) in known for p in ptrs):
-                self.base = base
-                break
-
-    def byte_offset(self, t: torch.Tensor) -> int | None:
-        """File offset of ``t``'s first element, or None when bytes cannot be addressed."""
-        if self.base is None or not t.is_contiguous():
-            return None
-        return t.untyped_storage().data_ptr() - self.base + t.storage_offset() * t.element_size()
-
-
 def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: int) -> None:
     """Copy in the kernel; start write-back of each copied block so the final fsync overlaps
     the copy instead of following it (the kernel would otherwise wait for its dirty limits)."""
@@ -166,29 +122,7 @@ def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: in
         dst_off += done
 
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "bool": torch.bool,
-}
-
-
-def _dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        return getattr(torch, name)
-
-
 def _convert(kind: str, value: Any) -> Any:
-    from collections import OrderedDict
-
     if kind == "raw":
         return value
     if kind == "list":
@@ -196,115 +130,99 @@ def _convert(kind: str, value: Any) -> Any:
     if kind == "odict":
         return OrderedDict()
     if kind == "shapes":
-        return [OrderedDict((n, torch.Size(s)) for n, s in g.items()) for g in value]
+        return [OrderedDict((n, Size(s)) for n, s in g.items()) for g in value]
     if kind == "frozen_shapes":
-        return OrderedDict((n, torch.Size(s)) for n, s in value.items())
-    if kind == "slice_mappings":
-        from deepspeed.utils.tensor_fragment import fragment_address
-
+        return OrderedDict((n, Size(s)) for n, s in value.items())
+    if kind == "slice_mappings":  # as DeepSpeed pickles its dataclass: __new__, then state
         return [
-            OrderedDict((n, fragment_address(numel=a, start=b)) for n, (a, b) in g.items())
+            OrderedDict(
+                (n, torchfile.opaque(*_FRAGMENT, state={"numel": a, "start": b}, call=False))
+                for n, (a, b) in g.items()
+            )
             for g in value
         ]
-    if kind == "zero_stage":
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-
-        return ZeroStageEnum(int(value))
+    if kind == "zero_stage":  # an enum pickles as a call on its value
+        return torchfile.opaque(*_ZERO_STAGE, args=(int(value),))
     raise CheckpointError(f"unknown plan value kind {kind!r}")
+
+
+_FRAGMENT = ("deepspeed.utils.tensor_fragment", "fragment_address")
+_ZERO_STAGE = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
 
 
 # --------------------------------------------------------------------------------------------
 # one file
 
 
-def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, _Mapped]) -> int:
+def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any]) -> int:
     """Write one target file into ``folder`` (as ``name.tmp``, then renamed); returns bytes."""
 
-    def source(name: str) -> _Mapped:
+    def source(name: str) -> Any:
         if name not in sources:
-            sources[name] = _Mapped(os.path.join(plan.source_root, name), plan.trusted)
+            sources[name] = torchfile.load(
+                os.path.join(plan.source_root, name), trust_checkpoint=plan.trusted
+            )
         return sources[name]
 
     obj: dict[Any, Any] = {}
-    # (dst key path, dtype, [(src file, src tensor, src elem offset, dst elem offset, numel)])
-    jobs: list[tuple[tuple[Any, ...], list[tuple[str, torch.Tensor, int, int, int]]]] = []
+    # (new tensor, [(src file, src tensor, src elem offset, dst elem offset, numel)])
+    jobs: list[tuple[TensorRef, list[tuple[str, TensorRef, int, int, int]]]] = []
     for item in tf.items:
         if isinstance(item, SetValue):
             _set(obj, item.key, _convert(item.kind, item.value))
         elif isinstance(item, Carry):
-            src = source(item.src_file)
             try:
-                value = _get(src.obj, item.src_key)
+                value = _get(source(item.src_file), item.src_key)
             except (KeyError, IndexError, TypeError):
                 raise CheckpointError(
-                    f"{src.path}: key {item.src_key!r} missing; the file does not match its "
-                    "manifest"
+                    f"{os.path.join(plan.source_root, item.src_file)}: key {item.src_key!r} "
+                    "missing; the file does not match its manifest"
                 ) from None
-            value, found = _replace_tensors(value)
-            _set(obj, item.dst_key, value)
-            for sub, (placeholder, original) in found.items():
-                jobs.append(
-                    ((*item.dst_key, *sub), [(item.src_file, original, 0, 0, original.numel())])
-                )
-                del placeholder
+            found: list[tuple[TensorRef, TensorRef]] = []
+            _set(obj, item.dst_key, _replace_tensors(value, found))
+            for new, original in found:
+                jobs.append((new, [(item.src_file, original, 0, 0, original.numel())]))
         elif isinstance(item, TensorFill):
             if item.tie is not None:
                 _set(obj, item.key, _get(obj, item.tie))
                 continue
-            _set(obj, item.key, torch.empty(item.shape, dtype=_dtype(item.dtype)))
+            new = TensorRef.empty(item.shape, item.dtype)
+            _set(obj, item.key, new)
             runs = []
             for c in item.copies:
-                src = source(c.src_file)
-                t = _get(src.obj, c.src_key)
-                runs.append((c.src_file, t, c.src_offset, c.dst_offset, c.numel))
-            jobs.append((item.key, runs))
+                src_t = _get(source(c.src_file), c.src_key)
+                runs.append((c.src_file, src_t, c.src_offset, c.dst_offset, c.numel))
+            jobs.append((new, runs))
     tmp = folder / f"{tf.name}.tmp"
-    with torch.serialization.skip_data():
-        torch.save(obj, tmp)
+    offsets = torchfile.save(obj, tmp, archive=Path(tf.name).stem)
     del obj
-    out = _Mapped(str(tmp), trusted=True)
     moved = 0
     # byte ranges to move in the kernel: (source file, src offset, dst offset, nbytes)
     ranges: list[tuple[str, int, int, int]] = []
     fd = os.open(tmp, os.O_WRONLY)
     try:
-        for key, runs in jobs:
-            dst_t = _get(out.obj, key)
-            dst_base = out.byte_offset(dst_t)
-            if dst_base is None and dst_t.numel() > 0:
-                raise CheckpointError(f"{tmp}: cannot address tensor {key!r} in the output")
+        for dst_t, runs in jobs:
+            dst_base = offsets[id(dst_t.storage)]
             esize = dst_t.element_size()
             for file, src_t, s_off, d_off, n in runs:
                 if n == 0:
                     continue
-                if s_off + n > src_t.numel() or d_off + n > dst_t.numel():
+                if not isinstance(src_t, TensorRef) or (
+                    s_off + n > src_t.numel() or d_off + n > dst_t.numel()
+                ):
                     raise CheckpointError(
                         f"{os.path.join(plan.source_root, file)}: a copy of {n} elements at "
-                        f"{s_off} does not fit (source {src_t.numel()}, target "
-                        f"{dst_t.numel()} at {d_off}); the checkpoint does not match its "
+                        f"{s_off} does not fit (source "
+                        f"{src_t.numel() if isinstance(src_t, TensorRef) else 'not a tensor'}, "
+                        f"target {dst_t.numel()} at {d_off}); the checkpoint does not match its "
                         "manifest"
                     )
-                src_base = sources[file].byte_offset(src_t)
-                if src_base is not None and src_t.dtype == dst_t.dtype:
-                    ranges.append(
-                        (
-                            file,
-                            src_base + s_off * esize,
-                            dst_base + d_off * esize,  # type: ignore[operator]
-                            n * esize,
-                        )
-                    )
-                else:  # cast (or a view we cannot address): through a bounded buffer
-                    flat = src_t.reshape(-1)
-                    step = max(1, CHUNK_BYTES // max(esize, src_t.element_size()))
-                    for a in range(0, n, step):
-                        b = min(n, a + step)
-                        chunk = flat[s_off + a : s_off + b].to(dst_t.dtype).contiguous()
-                        os.pwrite(
-                            fd,
-                            chunk.view(torch.uint8).numpy().tobytes(),
-                            dst_base + (d_off + a) * esize,  # type: ignore[operator]
-                        )
+                src_at = src_t.file_offset
+                if src_at is not None and src_t.is_contiguous() and src_t.dtype == dst_t.dtype:
+                    src_at += s_off * esize
+                    ranges.append((file, src_at, dst_base + d_off * esize, n * esize))
+                else:  # a cast (or a strided view): through a bounded buffer
+                    _write_cast(fd, src_t, s_off, n, dst_t, dst_base + d_off * esize)
                 moved += n * esize
         src_fds: dict[str, int] = {}
         try:
@@ -318,9 +236,22 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, _Ma
         os.fsync(fd)
     finally:
         os.close(fd)
-    del out
     os.replace(tmp, folder / tf.name)
     return moved
+
+
+def _write_cast(fd: int, src_t: TensorRef, s_off: int, n: int, dst_t: TensorRef, at: int) -> None:
+    """Elements ``[s_off, s_off + n)`` of ``src_t`` (in logical order), cast to the target dtype,
+    written at byte ``at``; a chunk at a time (torch is imported only for this)."""
+    import torch
+
+    flat = src_t.to_torch().reshape(-1)
+    out_dtype = dst_t.dtype.to_torch()
+    step = max(1, CHUNK_BYTES // max(dst_t.element_size(), src_t.element_size()))
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        chunk = flat[s_off + a : s_off + b].to(out_dtype).contiguous()
+        os.pwrite(fd, chunk.view(torch.uint8).numpy().tobytes(), at + a * dst_t.element_size())
 
 
 def _coalesce(ranges: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:
@@ -337,31 +268,31 @@ def _coalesce(ranges: list[tuple[str, int, int, int]]) -> list[tuple[str, int, i
     return merged
 
 
-def _replace_tensors(value: Any) -> tuple[Any, dict[tuple[Any, ...], tuple[Any, torch.Tensor]]]:
-    """Copy containers, put empty placeholders where tensors are (their bytes are copied later)."""
-    found: dict[tuple[Any, ...], tuple[Any, torch.Tensor]] = {}
-
-    def rec(v: Any, path: tuple[Any, ...]) -> Any:
-        if torch.is_tensor(v):
-            p = torch.empty(v.shape, dtype=v.dtype)
-            found[path] = (p, v)
-            return p
-        if isinstance(v, Mapping) and type(v) in (dict, type(_odict())):
-            out = type(v)()
-            for k, x in v.items():
-                out[k] = rec(x, (*path, k))
-            return out
-        if type(v) in (list, tuple):
-            return type(v)(rec(x, (*path, i)) for i, x in enumerate(v))
-        return v
-
-    return rec(value, ()), found
-
-
-def _odict() -> Any:
-    from collections import OrderedDict
-
-    return OrderedDict()
+def _replace_tensors(value: Any, found: list[tuple[TensorRef, TensorRef]]) -> Any:
+    """A copy of ``value`` with every tensor replaced by a new, empty one of the same kind;
+    ``found`` collects (new, original) pairs, whose bytes are copied later."""
+    if isinstance(value, TensorRef):
+        new = TensorRef.empty(value.shape, value.dtype.name)
+        new.requires_grad, new.wrapper_state = value.requires_grad, value.wrapper_state
+        found.append((new, value))
+        return new
+    if isinstance(value, dict):
+        out = copy.copy(value)
+        for k, v in value.items():
+            out[k] = _replace_tensors(v, found)
+        return out
+    if type(value) in (list, tuple):
+        return type(value)(_replace_tensors(v, found) for v in value)
+    if isinstance(value, Opaque):
+        out = object.__new__(type(value))  # not copy.copy: it would go through __setstate__
+        d = out.__dict__
+        d.update(value.__dict__)
+        d["args"] = tuple(_replace_tensors(v, found) for v in d["args"])
+        d["state"] = _replace_tensors(d["state"], found)
+        d["items"] = [(k, _replace_tensors(v, found)) for k, v in d["items"]]
+        d["listitems"] = [_replace_tensors(v, found) for v in d["listitems"]]
+        return out
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -404,7 +335,7 @@ def execute_plan(
 
     def run(tf: TargetFile) -> str:
         t0 = time.perf_counter()
-        sources: dict[str, _Mapped] = {}
+        sources: dict[str, Any] = {}
         moved = _write_file(plan, tf, folder, sources)
         sources.clear()
         if bar is not None:

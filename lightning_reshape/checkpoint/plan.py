@@ -219,7 +219,7 @@ class SourceMeta:
 
 def read_source_meta(manifest: Manifest) -> SourceMeta:
     """Read the few non-tensor facts a plan needs (key orders, group lists, config)."""
-    from lightning_reshape.checkpoint.safe_load import safe_load
+    from lightning_reshape.checkpoint.torchfile import load
 
     topo = manifest.topology
     root = manifest.root
@@ -237,7 +237,7 @@ def read_source_meta(manifest: Manifest) -> SourceMeta:
         plain = f"mp_rank_{mp:02d}_model_states.pt"
         z3 = f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
         file = plain if plain in names else z3
-        sd = safe_load(os.path.join(root, file), trust_checkpoint=manifest.trusted)
+        sd = load(os.path.join(root, file), trust_checkpoint=manifest.trusted)
         model_files[mp] = file
         model_keys[mp] = tuple(sd)
         module = sd.get("module")
@@ -250,7 +250,7 @@ def read_source_meta(manifest: Manifest) -> SourceMeta:
             if oname in names:
                 optim_files[mp] = oname
                 if mp == 0:
-                    osd = safe_load(os.path.join(root, oname), trust_checkpoint=manifest.trusted)
+                    osd = load(os.path.join(root, oname), trust_checkpoint=manifest.trusted)
                     inner = osd["optimizer_state_dict"]
                     optim_top = tuple(inner)
                     optim_inner = (

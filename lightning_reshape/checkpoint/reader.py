@@ -13,10 +13,9 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
@@ -30,9 +29,12 @@ from lightning_reshape.checkpoint.manifest import (
     StateRef,
     TensorEntry,
 )
-from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.checkpoint.sidecar import SIDECAR_NAME, Sidecar, TPSplit, read_sidecar
+from lightning_reshape.checkpoint.torchfile import TensorRef, is_tensor
 from lightning_reshape.errors import CheckpointError
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "CheckpointLocation",
@@ -229,7 +231,7 @@ def _prod(shape: Iterable[int]) -> int:
     return math.prod(int(s) for s in shape)
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
 
@@ -246,7 +248,7 @@ def _summary(value: Any) -> str:
 
 
 def _scalar(value: Any) -> float | int | bool | None:
-    if torch.is_tensor(value):
+    if is_tensor(value):
         return value.item() if value.numel() == 1 else None
     if isinstance(value, (bool, int, float)):
         return value
@@ -310,11 +312,12 @@ class ShardReader:
         self._open: dict[str, Any] = {}
 
     def load(self, file: str) -> Any:
-        """The unpickled (mmapped) object of one file, cached (a few at a time)."""
+        """The object tree of one file, tensors as :class:`TensorRef` (metadata only: no torch,
+        no tensor bytes read), cached (a few at a time)."""
         if file not in self._open:
             if len(self._open) >= self.max_open:
                 self._open.pop(next(iter(self._open)))
-            self._open[file] = safe_load(
+            self._open[file] = torchfile.load(
                 os.path.join(self.root, file), trust_checkpoint=self.trust_checkpoint
             )
         return self._open[file]
@@ -328,11 +331,11 @@ class ShardReader:
             raise CheckpointError(
                 f"{os.path.join(self.root, piece.file)}: key {piece.key!r} missing"
             ) from exc
-        if not torch.is_tensor(tensor):
+        if not is_tensor(tensor):
             raise CheckpointError(
                 f"{os.path.join(self.root, piece.file)}: {piece.key!r} is not a tensor"
             )
-        flat = tensor.reshape(-1)
+        flat = tensor.to_torch().reshape(-1)
         if piece.src_offset + piece.numel > flat.numel():
             raise CheckpointError(
                 f"{os.path.join(self.root, piece.file)}: {piece.key!r} holds {flat.numel()} "
@@ -353,6 +356,8 @@ class ShardReader:
 
 
 def _assemble_tp(shards: list[torch.Tensor], split: TPSplit | None) -> torch.Tensor:
+    import torch
+
     if split is None or len(shards) == 1:
         return shards[0]
     if split.stride == 1:
@@ -363,6 +368,8 @@ def _assemble_tp(shards: list[torch.Tensor], split: TPSplit | None) -> torch.Ten
 
 def load_entry(entry: TensorEntry, reader: ShardReader) -> torch.Tensor:
     """Materialize one logical tensor (global shape, stored dtype) from its pieces."""
+    import torch
+
     by_rank: dict[int, list[Piece]] = {}
     for p in entry.pieces:
         by_rank.setdefault(p.tp_rank, []).append(p)
@@ -491,7 +498,7 @@ class _Builder:
         role: str,
         state_key: str | None,
         piece: Piece,
-        dtype: torch.dtype,
+        dtype: Any,
     ) -> None:
         key = (name, role, state_key)
         if key not in self.pieces:
@@ -518,7 +525,7 @@ def _whole(
     state_key: str | None,
     file: str,
     key: KeyPath,
-    tensor: torch.Tensor,
+    tensor: TensorRef,
     tp_rank: int,
     pp_stage: int,
     layer: int | None = None,
@@ -538,10 +545,6 @@ def _whole(
         ),
         tensor.dtype,
     )
-
-
-def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...], tuple[int, ...]]:
-    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
 
 
 def read_manifest(
@@ -819,7 +822,7 @@ def _z3_model_dtype(b: _Builder, f: _Files, mp: int) -> str:
     sd = b.load(f.z3_model[(0, mp)])
     buffers = set(sd.get("buffer_names") or [])
     for name, t in (sd.get("module") or {}).items():
-        if name not in buffers and torch.is_tensor(t) and t.is_floating_point():
+        if name not in buffers and is_tensor(t) and t.is_floating_point():
             return _dtype_name(t.dtype)
     return "unknown"
 
@@ -832,9 +835,9 @@ def _module_params(
     pp_stage: int,
     pipeline: bool,
     buffer_names: list[str],
-) -> dict[str, tuple[str, KeyPath, torch.Tensor, int | None]]:
+) -> dict[str, tuple[str, KeyPath, TensorRef, int | None]]:
     """name -> (file, key path, tensor, layer) for every module parameter; records buffers."""
-    out: dict[str, tuple[str, KeyPath, torch.Tensor, int | None]] = {}
+    out: dict[str, tuple[str, KeyPath, TensorRef, int | None]] = {}
     buffers = set(buffer_names)
     if not pipeline:
         module = sd.get("module")
@@ -842,7 +845,7 @@ def _module_params(
             raise CheckpointError(f"{b.path(file)}: 'module' is missing")
         seen: dict[Any, str] = {}
         for name, tensor in module.items():
-            if not torch.is_tensor(tensor):
+            if not is_tensor(tensor):
                 continue
             if name in buffers:
                 _whole(
@@ -850,7 +853,7 @@ def _module_params(
                 )
                 continue
             if tensor.numel() > 0:
-                skey = _storage_key(tensor)
+                skey = torchfile.storage_key(tensor)
                 if skey in seen and name not in b.aliases:
                     b.aliases[name] = seen[skey]  # tied weight saved twice (ZeRO 0 has no list)
                 seen.setdefault(skey, name)
@@ -869,7 +872,7 @@ def _module_params(
         lfile = b.files.layers[(layer, tp_rank)]
         lsd = b.load(lfile)
         for local, tensor in lsd.items():
-            if not torch.is_tensor(tensor):
+            if not is_tensor(tensor):
                 continue
             name = f"{layer}.{local}"
             if name in buffers:
@@ -913,7 +916,7 @@ def _stage_layers(
             lsd = b.load(b.files.layers[(layer, 0)])
             run.append(layer)
             total += sum(
-                1 for k, v in lsd.items() if torch.is_tensor(v) and f"{layer}.{k}" not in buffers
+                1 for k, v in lsd.items() if is_tensor(v) and f"{layer}.{k}" not in buffers
             )
         if total != n_params:
             raise CheckpointError(
@@ -973,7 +976,7 @@ def _flat_state_keys(state: Mapping[Any, Any], g: int, numel: int) -> tuple[list
     st = state.get(g, {})
     flat, scalar = [], []
     for k, v in st.items():
-        if torch.is_tensor(v) and v.dim() >= 1 and v.numel() >= numel:
+        if is_tensor(v) and v.dim() >= 1 and v.numel() >= numel:
             flat.append(k)
         else:
             scalar.append(k)
@@ -1225,7 +1228,7 @@ def _zero0_optim(
     file: str,
     tp_rank: int,
     pp_stage: int,
-    module_params: Mapping[str, tuple[str, KeyPath, torch.Tensor, int | None]],
+    module_params: Mapping[str, tuple[str, KeyPath, TensorRef, int | None]],
 ) -> None:
     """ZeRO 0: a plain torch optimizer state dict (or FP16_Optimizer's wrapper of one)."""
     opt = sd.get("optimizer")
@@ -1243,10 +1246,10 @@ def _zero0_optim(
     candidates = [
         (n, v) for n, v in module_params.items() if n not in b.aliases and v[2].numel() > 0
     ]
-    fp32_list: list[tuple[KeyPath, torch.Tensor]] = []
+    fp32_list: list[tuple[KeyPath, TensorRef]] = []
     if fp32_groups is not None:
         for g, grp in enumerate(fp32_groups):
-            if torch.is_tensor(grp):
+            if is_tensor(grp):
                 raise CheckpointError(
                     f"{b.path(file)}: flat fp16 optimizer groups are not supported"
                 )
@@ -1258,7 +1261,7 @@ def _zero0_optim(
         ref_shape = None
         st = state.get(idx, {})
         for v in st.values():
-            if torch.is_tensor(v) and v.dim() >= 1:
+            if is_tensor(v) and v.dim() >= 1:
                 ref_shape = _shape(v.shape)
                 break
         if ref_shape is None and pos < len(fp32_list):
@@ -1278,7 +1281,7 @@ def _zero0_optim(
             key, t = fp32_list[pos]
             _whole(b, name, ROLE_FP32, None, file, key, t, tp_rank, pp_stage)
         for k, v in st.items():
-            if torch.is_tensor(v) and v.dim() >= 1:
+            if is_tensor(v) and v.dim() >= 1:
                 _whole(
                     b,
                     name,
@@ -1365,6 +1368,8 @@ def _finish(
 def _check_replicated(b: _Builder, key: tuple[str, str, str | None]) -> None:
     """A replicated tensor must be bit-identical on every tp rank: a reshape keeps one copy, so
     a wrong "replicated" in the sidecar or a rule would otherwise lose the other ranks' data."""
+    import torch
+
     name, role, state_key = key
     entry = TensorEntry(
         name=name, role=role, shape=(), dtype=b.dtypes[key], pieces=(), state_key=state_key
@@ -1386,6 +1391,8 @@ def _check_replicated(b: _Builder, key: tuple[str, str, str | None]) -> None:
 
 def _prove_replicated(b: _Builder, name: str) -> None:
     """With no split info, a parameter is accepted only if every tp shard is identical."""
+    import torch
+
     key = (
         (name, ROLE_PARAM, None)
         if (name, ROLE_PARAM, None) in b.pieces

@@ -26,31 +26,17 @@ from typing import Any
 
 import torch
 
+from lightning_reshape.checkpoint.torchfile import ALLOWED_GLOBALS, TRUST_HINT
 from lightning_reshape.errors import CheckpointError, UnsafeCheckpointError
 
 __all__ = ["safe_load", "allowed_globals", "TRUST_HINT"]
 
-TRUST_HINT = (
-    "if you trust this checkpoint, pass trust_checkpoint=True "
-    "(CLI: --trust-checkpoint) to load it with full unpickling"
-)
-
-# "module.Qualname" of the non-builtin types allowed, resolved lazily (DeepSpeed and Lightning
-# imports are slow and optional for reading plain torch files).
-_ALLOWED_NAMES: tuple[str, ...] = (
-    # DeepSpeed: fp16/bf16 loss scalers, ZeRO stage enum, ZeRO-1/2 fragment addresses.
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
-    "deepspeed.runtime.fp16.loss_scaler.LossScalerBase",
-    "deepspeed.runtime.zero.config.ZeroStageEnum",
-    "deepspeed.utils.tensor_fragment.fragment_address",
-    "deepspeed.checkpoint.constants.UNIVERSAL_CHECKPOINT_INFO",
-    # Lightning: hyper-parameters container and the loops' progress dataclasses live as plain
-    # dicts in the client state; AttributeDict appears in hparams.
-    "lightning.fabric.utilities.data.AttributeDict",
-    "lightning_fabric.utilities.data.AttributeDict",
-    "lightning.pytorch.utilities.parsing.AttributeDict",
-    "pytorch_lightning.utilities.parsing.AttributeDict",
+# "module.Qualname" of the non-builtin types allowed (one list for both loaders), resolved
+# lazily: DeepSpeed and Lightning imports are slow and optional for reading plain torch files.
+_ALLOWED_NAMES: tuple[str, ...] = tuple(
+    n
+    for n in ALLOWED_GLOBALS
+    if n.split(".", 1)[0] in ("deepspeed", "lightning", "lightning_fabric", "pytorch_lightning")
 )
 
 _STDLIB_ALLOWED: tuple[Any, ...] = (
