@@ -2,9 +2,11 @@
 
 Why: a reshape should cost about one copy of the bytes (the disk's limit), far less than
 DeepSpeed's offline universal conversion, and need memory of about one shard, not of the whole
-checkpoint. Writes (once, cached in --workdir) a ~1.3 GB ZeRO-1 dp-2 AdamW fp32 checkpoint of an
-~85M-parameter model with stock DeepSpeed, then times each tool in its own subprocess
-(``/usr/bin/time -v``: wall time and peak RSS of the process and its children) and prints ratios.
+checkpoint. Writes (once, cached in --workdir) two ZeRO-1 AdamW fp32 checkpoints with stock
+DeepSpeed on 2 ranks: ~1.36 GB at dp 2 (an ~85M-parameter model) and ~1.2 GB at tp 2 (column and
+row parallel layers, ~75M parameters, split recorded in DeepSpeed's ``universal_checkpoint_info``),
+then times each tool in its own subprocess (``/usr/bin/time -v``: wall time and peak RSS of the
+process and its children) and prints ratios for a dp change (2->1, 2->3) and a tp change (2->1).
 
     python benchmarks/convert.py [--workdir DIR] [--repeat 3] [--cache warm|cold] [--workers N]
 
@@ -29,10 +31,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 HIDDEN = 3072
-LAYERS = 9  # 9 x (3072 x 3072 + 3072) = 84.9M parameters
+LAYERS = 9  # dp source: 9 x (3072 x 3072 + 3072) = 84.9M parameters
+TP_PAIRS = 4  # tp source: 4 x (column + row parallel 3072 x 3072) = 75.5M parameters
+
+# How the tp source's parameters are split, in DeepSpeed's own vocabulary: ds_to_universal
+# needs it, and lightning-reshape reads the same record (no sidecar, no --tp-rule).
+TP_UC_INFO = {
+    "universal_checkpoint_version": 0.2,
+    "parameter_with_row_parallelism_patterns": [r"row\.\d+\.weight"],
+    "tp_replicated_parameter_patterns": [r"row\.\d+\.bias"],
+}
 
 
-def _gen_rank(rank: int, world: int, port: int, out: str) -> None:
+def _gen_rank(rank: int, world: int, port: int, out: str, tp: int) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -46,22 +57,50 @@ def _gen_rank(rank: int, world: int, port: int, out: str) -> None:
 
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS)])
+    mpu, client = None, {}
+    if tp == 1:
+        model = torch.nn.Sequential(*[torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS)])
+    else:
+        from lightning_reshape.distributed import ParallelState
+        from lightning_reshape.nn.layers import ColumnParallelLinear, RowParallelLinear
+        from lightning_reshape.topology import ParallelConfig
+
+        mpu = ParallelState.build(ParallelConfig(tp=tp).resolve(world))
+
+        class TPStack(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.col = torch.nn.ModuleList(
+                    ColumnParallelLinear(HIDDEN, HIDDEN, mpu, seed=i) for i in range(TP_PAIRS)
+                )
+                self.row = torch.nn.ModuleList(
+                    RowParallelLinear(HIDDEN, HIDDEN, mpu, seed=100 + i) for i in range(TP_PAIRS)
+                )
+
+            def forward(self, x: torch.Tensor) -> torch.Tensor:
+                for col, row in zip(self.col, self.row, strict=True):
+                    x = row(torch.relu(col(x)))
+                return x
+
+        model = TPStack()
+        client = {"universal_checkpoint_info": TP_UC_INFO}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     cfg = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": 1},
         "steps_per_print": 10**9,
     }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
-    loss = engine(torch.randn(2, HIDDEN)).pow(2).mean()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=mpu)
+    loss = engine(torch.randn(2, HIDDEN, generator=torch.Generator().manual_seed(1)))
+    loss = loss.pow(2).mean()
     engine.backward(loss)
     engine.step()
-    engine.save_checkpoint(out)
+    engine.save_checkpoint(out, client_state=client)
 
 
-def generate(src: Path) -> None:
-    """Write the source checkpoint with stock DeepSpeed at dp 2 (skipped when cached)."""
+def generate(src: Path, tp: int) -> None:
+    """Write a source checkpoint with stock DeepSpeed on 2 ranks: dp 2 (``tp`` 1) or tp 2 (dp 1);
+    skipped when cached."""
     if (src / "latest").is_file():
         return
     import multiprocessing as mp
@@ -70,7 +109,7 @@ def generate(src: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_gen_rank, args=(r, 2, port, str(src))) for r in range(2)]
+    procs = [ctx.Process(target=_gen_rank, args=(r, 2, port, str(src), tp)) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -114,21 +153,28 @@ def measure(cmd: list[str]) -> tuple[float, float, float | None]:
     return wall, rss, float(inner.group(1)) if inner else None
 
 
-# The library call alone, timed inside the process after the imports (torch, DeepSpeed).
+# The library call alone, timed inside the process after its imports.
 _INNER = """
 import sys, time
-import deepspeed  # noqa: F401  (the load needs DeepSpeed's classes; imported before the clock)
 from lightning_reshape.checkpoint.convert import convert_checkpoint
+tp, dp, workers = (int(x) for x in sys.argv[3:6])
 t0 = time.perf_counter()
-convert_checkpoint(sys.argv[1], sys.argv[2], tp=1, dp=int(sys.argv[3]), workers=int(sys.argv[4]))
+convert_checkpoint(sys.argv[1], sys.argv[2], tp=tp, dp=dp, workers=workers)
 print(f"convert-seconds: {time.perf_counter() - t0:.3f}")
 """
+
+# (case, source, target tp, target dp)
+CASES = (
+    ("dp 2->1", "dp2", 1, 1),
+    ("dp 2->3", "dp2", 1, 3),
+    ("tp 2->1", "tp2", 1, 1),
+)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", default="/tmp/lightning_reshape_bench")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per tool (median shown)")
     ap.add_argument(
         "--cache",
@@ -140,19 +186,21 @@ def main() -> None:
     ap.add_argument("--skip-universal", action="store_true", help="do not run ds_to_universal")
     args = ap.parse_args()
     work = Path(args.workdir)
-    src = work / "src"
     work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    generate(src)
-    tag = (src / "latest").read_text().strip()
-    tag_dir = src / tag
-    files = sorted(p for p in tag_dir.iterdir() if p.suffix == ".pt")
-    total = sum(p.stat().st_size for p in files)
-    largest = max(p.stat().st_size for p in files)
-    print(
-        f"source: {tag_dir} ({len(files)} files, {total / 1e9:.2f} GB, largest shard "
-        f"{largest / 1e9:.2f} GB; ready in {time.perf_counter() - t0:.1f} s, not timed)"
-    )
+    sources: dict[str, tuple[Path, list[Path]]] = {}
+    for key, tp in (("dp2", 1), ("tp2", 2)):
+        t0 = time.perf_counter()
+        src = work / ("src" if key == "dp2" else "src_tp2")
+        generate(src, tp)
+        tag_dir = src / (src / "latest").read_text().strip()
+        files = sorted(p for p in tag_dir.iterdir() if p.suffix == ".pt")
+        sources[key] = (src, files)
+        total = sum(p.stat().st_size for p in files)
+        largest = max(p.stat().st_size for p in files)
+        print(
+            f"source {key}: {tag_dir} ({len(files)} files, {total / 1e9:.2f} GB, largest shard "
+            f"{largest / 1e9:.2f} GB; ready in {time.perf_counter() - t0:.1f} s, not timed)"
+        )
     if args.cache == "cold" and not drop_caches():
         raise SystemExit("--cache cold needs permission to write /proc/sys/vm/drop_caches")
     print(
@@ -162,86 +210,101 @@ def main() -> None:
             if args.cache == "cold"
             else "source files read once (in the page cache)"
         )
-        + f"; each tool runs once untimed, then {args.repeat} timed (ds_to_universal: timed only)"
+        + f"; each tool runs once untimed, then {args.repeat} timed (ds_to_universal: timed "
+        f"only); convert --workers {args.workers}"
     )
 
     def fresh(path: Path) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         return path
 
-    def prepare() -> None:
-        if args.cache == "cold":
-            drop_caches()
-        else:
-            subprocess.run(["sync"], check=True)
-            warm(files)
-
-    cat_all = " ".join(map(str, files))
-    tools: dict[str, tuple[Path, Callable[[Path], list[str]]]] = {
-        "cat": (work / "cat.out", lambda d: ["sh", "-c", f"mkdir {d} && cat {cat_all} > {d}/all"]),
-        "cat + sync (durable)": (
+    # (tool name) -> (output dir, command, source files to warm)
+    tools: dict[str, tuple[Path, Callable[[Path], list[str]], list[Path]]] = {}
+    for key, (_, files) in sources.items():
+        cat_all = " ".join(map(str, files))
+        tools[f"cat {key}"] = (
             work / "cat.out",
-            lambda d: ["sh", "-c", f"mkdir {d} && cat {cat_all} > {d}/all && sync {d}/all"],
-        ),
-        "python -c 'import torch, deepspeed'": (
-            work / "none",
-            lambda d: [sys.executable, "-c", "import torch, deepspeed"],
-        ),
-    }
-    for dp in (1, 3):
-        tools[f"convert dp 2->{dp} (CLI)"] = (
-            work / f"dp{dp}",
-            lambda d, dp=dp: [  # type: ignore[misc]
+            lambda d, c=cat_all: ["sh", "-c", f"mkdir {d} && cat {c} > {d}/all"],  # type: ignore[misc]
+            files,
+        )
+        tools[f"cat + sync {key} (durable)"] = (
+            work / "cat.out",
+            lambda d, c=cat_all: [  # type: ignore[misc]
+                "sh",
+                "-c",
+                f"mkdir {d} && cat {c} > {d}/all && sync {d}/all",
+            ],
+            files,
+        )
+        if not args.skip_universal:
+            tools[f"ds_to_universal {key}"] = (
+                work / "universal",
+                lambda d, t=files[0].parent: [  # type: ignore[misc]
+                    sys.executable,
+                    "-m",
+                    "deepspeed.checkpoint.ds_to_universal",
+                    "--input_folder",
+                    str(t),
+                    "--output_folder",
+                    str(d),
+                    "--inject_missing_state",
+                ],
+                files,
+            )
+    tools["python -c 'import torch, deepspeed'"] = (
+        work / "none",
+        lambda d: [sys.executable, "-c", "import torch, deepspeed"],
+        [],
+    )
+    for case, key, tp, dp in CASES:
+        src, files = sources[key]
+        tools[f"convert {case} (CLI)"] = (
+            work / "conv",
+            lambda d, s=src, tp=tp, dp=dp: [  # type: ignore[misc]
                 sys.executable,
                 "-m",
                 "lightning_reshape.cli",
                 "convert",
-                str(src),
+                str(s),
                 str(d),
                 "--tp",
-                "1",
+                str(tp),
                 "--dp",
                 str(dp),
                 "--quiet",
                 "--workers",
                 str(args.workers),
             ],
+            files,
         )
-        tools[f"convert dp 2->{dp} (library)"] = (
-            work / f"dp{dp}_lib",
-            lambda d, dp=dp: [  # type: ignore[misc]
+        tools[f"convert {case} (library)"] = (
+            work / "conv",
+            lambda d, s=src, tp=tp, dp=dp: [  # type: ignore[misc]
                 sys.executable,
                 "-c",
                 _INNER,
-                str(src),
+                str(s),
                 str(d),
+                str(tp),
                 str(dp),
                 str(args.workers),
             ],
-        )
-    if not args.skip_universal:
-        tools["ds_to_universal"] = (
-            work / "universal",
-            lambda d: [
-                sys.executable,
-                "-m",
-                "deepspeed.checkpoint.ds_to_universal",
-                "--input_folder",
-                str(tag_dir),
-                "--output_folder",
-                str(d),
-                "--inject_missing_state",
-            ],
+            files,
         )
 
     results: dict[str, tuple[float, float, float | None]] = {}
-    for name, (out, cmd) in tools.items():
+    for name, (out, cmd, files) in tools.items():
         runs = []
-        for i in range(args.repeat + (0 if name == "ds_to_universal" else 1)):
+        universal = name.startswith("ds_to_universal")
+        for i in range(args.repeat + (0 if universal else 1)):
             fresh(out)
-            prepare()
+            if args.cache == "cold":
+                drop_caches()
+            else:
+                subprocess.run(["sync"], check=True)
+                warm(files)
             r = measure(cmd(out))
-            if i > 0 or name == "ds_to_universal":  # the first run warms imports, untimed
+            if i > 0 or universal:  # the first run warms imports, untimed
                 runs.append(r)
         runs.sort(key=lambda r: r[0])
         results[name] = runs[len(runs) // 2]
@@ -254,18 +317,20 @@ def main() -> None:
     for name, (wall, rss, inner) in results.items():
         lib = f"{inner:>10.2f}" if inner is not None else f"{'':>10}"
         print(f"{name:<38} {wall:>8.2f} {lib} {rss:>12.2f}")
-    cat_w = results["cat"][0]
-    cat_sync_w = results["cat + sync (durable)"][0]
-    for dp in (1, 3):
-        w, rss, _ = results[f"convert dp 2->{dp} (CLI)"]
-        lib = results[f"convert dp 2->{dp} (library)"][2] or float("nan")
+    print()
+    for case, key, _, _ in CASES:
+        largest = max(p.stat().st_size for p in sources[key][1])
+        w, rss, _ = results[f"convert {case} (CLI)"]
+        lib = results[f"convert {case} (library)"][2] or float("nan")
+        cat_w = results[f"cat {key}"][0]
+        cat_sync_w = results[f"cat + sync {key} (durable)"][0]
         line = (
-            f"dp 2->{dp}: convert/cat (target <= 1.5x): CLI/cat = {w / cat_w:.2f}x, "
-            f"CLI/(cat+sync) = {w / cat_sync_w:.2f}x, library/cat = {lib / cat_w:.2f}x, "
-            f"library/(cat+sync) = {lib / cat_sync_w:.2f}x; "
+            f"{case}: convert/cat (target <= 1.5x): CLI/cat = {w / cat_w:.2f}x, "
+            f"CLI/(cat+sync) = {w / cat_sync_w:.2f}x, library/(cat+sync) = "
+            f"{lib / cat_sync_w:.2f}x; "
         )
-        if "ds_to_universal" in results:
-            uni_w, uni_rss, _ = results["ds_to_universal"]
+        if f"ds_to_universal {key}" in results:
+            uni_w, uni_rss, _ = results[f"ds_to_universal {key}"]
             line += (
                 f"ds_to_universal/CLI = {uni_w / w:.2f}x (target >= 3x; its peak "
                 f"{uni_rss:.2f} GB); "
