@@ -53,6 +53,8 @@ COMPLETE_MARKER = ".lightning_reshape_complete"
 PARTIAL_MARKER = ".lightning_reshape_partial"
 CHUNK_BYTES = 16 << 20
 WRITEBACK_BYTES = 64 << 20
+SMALL_RANGE_BYTES = 1 << 20  # below this, a range is gathered in user space (see _gather)
+WINDOW_BYTES = 32 << 20
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -112,7 +114,7 @@ def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: in
             data = os.pread(src_fd, step, src_off)
             if not data:
                 raise CheckpointError(f"unexpected end of file reading {step} bytes at {src_off}")
-            os.pwrite(dst_fd, data, dst_off)
+            _pwrite_all(dst_fd, data, dst_off)
             done = len(data)
         if WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
             # Linux: DONTNEED on dirty pages queues their write-back (asynchronously)
@@ -199,17 +201,23 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
     moved = 0
     # byte ranges to move in the kernel: (source file, src offset, dst offset, nbytes)
     ranges: list[tuple[str, int, int, int]] = []
+    # per source tensor: (elements, byte offset in its file when contiguous)
+    addressable: dict[int, tuple[int, int | None]] = {}
     fd = os.open(tmp, os.O_WRONLY)
     try:
         for dst_t, runs in jobs:
             dst_base = offsets[id(dst_t.storage)]
+            dst_numel = dst_t.numel()
             esize = dst_t.element_size()
             for file, src_t, s_off, d_off, n in runs:
                 if n == 0:
                     continue
-                if not isinstance(src_t, TensorRef) or (
-                    s_off + n > src_t.numel() or d_off + n > dst_t.numel()
-                ):
+                known = addressable.get(id(src_t))
+                if known is None and isinstance(src_t, TensorRef):
+                    at = src_t.file_offset if src_t.is_contiguous() else None
+                    known = (src_t.numel(), at)
+                    addressable[id(src_t)] = known
+                if known is None or s_off + n > known[0] or d_off + n > dst_numel:
                     raise CheckpointError(
                         f"{os.path.join(plan.source_root, file)}: a copy of {n} elements at "
                         f"{s_off} does not fit (source "
@@ -217,19 +225,24 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
                         f"target {dst_t.numel()} at {d_off}); the checkpoint does not match its "
                         "manifest"
                     )
-                src_at = src_t.file_offset
-                if src_at is not None and src_t.is_contiguous() and src_t.dtype == dst_t.dtype:
-                    src_at += s_off * esize
-                    ranges.append((file, src_at, dst_base + d_off * esize, n * esize))
+                if known[1] is not None and src_t.dtype == dst_t.dtype:
+                    ranges.append(
+                        (file, known[1] + s_off * esize, dst_base + d_off * esize, n * esize)
+                    )
                 else:  # a cast (or a strided view): through a bounded buffer
                     _write_cast(fd, src_t, s_off, n, dst_t, dst_base + d_off * esize)
                 moved += n * esize
         src_fds: dict[str, int] = {}
         try:
+            for file in {r[0] for r in ranges}:
+                src_fds[file] = os.open(os.path.join(plan.source_root, file), os.O_RDONLY)
+            small: list[tuple[str, int, int, int]] = []
             for file, src_off, dst_off, nbytes in _coalesce(ranges):
-                if file not in src_fds:
-                    src_fds[file] = os.open(os.path.join(plan.source_root, file), os.O_RDONLY)
-                _copy_range(src_fds[file], fd, nbytes, src_off, dst_off)
+                if nbytes < SMALL_RANGE_BYTES:
+                    small.append((file, src_off, dst_off, nbytes))
+                else:
+                    _copy_range(src_fds[file], fd, nbytes, src_off, dst_off)
+            _gather(small, src_fds, fd)
         finally:
             for sfd in src_fds.values():
                 os.close(sfd)
@@ -251,7 +264,82 @@ def _write_cast(fd: int, src_t: TensorRef, s_off: int, n: int, dst_t: TensorRef,
     for a in range(0, n, step):
         b = min(n, a + step)
         chunk = flat[s_off + a : s_off + b].to(out_dtype).contiguous()
-        os.pwrite(fd, chunk.view(torch.uint8).numpy().tobytes(), at + a * dst_t.element_size())
+        _pwrite_all(fd, chunk.view(torch.uint8).numpy().tobytes(), at + a * dst_t.element_size())
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> None:
+    view = memoryview(data)
+    while view:
+        done = os.pwrite(fd, view, at)
+        view, at = view[done:], at + done
+
+
+_IOV_MAX = 1024
+_GAP_BYTES = 256 << 10
+_SCRATCH = memoryview(bytearray(_GAP_BYTES))  # read-only sink for skipped source bytes
+
+
+def _read_scattered(
+    src_fd: int, file: str, rs: list[tuple[str, int, int, int]], view: memoryview, d0: int
+) -> None:
+    """Read source ranges ``rs`` (sorted by source offset) straight into their places in
+    ``view`` (which starts at target offset ``d0``): one ``preadv`` per run of ranges that lie
+    close together in the source, small gaps read into a scratch buffer (a range that overlaps
+    the previous one or lies far from it starts the next read)."""
+    k = 0
+    while k < len(rs):
+        s0 = pos = rs[k][1]
+        iov: list[memoryview] = []
+        while k < len(rs) and len(iov) < _IOV_MAX - 1:
+            _, s_off, d_off, n = rs[k]
+            gap = s_off - pos
+            if gap < 0 or gap > _GAP_BYTES:
+                break
+            if gap:
+                iov.append(_SCRATCH[:gap])
+            iov.append(view[d_off - d0 : d_off - d0 + n])
+            pos = s_off + n
+            k += 1
+        if os.preadv(src_fd, iov, s0) != pos - s0:
+            raise CheckpointError(f"{file}: unexpected end of file reading bytes {s0}-{pos}")
+
+
+def _gather(ranges: list[tuple[str, int, int, int]], src_fds: dict[str, int], fd: int) -> None:
+    """Copy many small ranges with few syscalls: scattering reads from the sources assemble the
+    target a window at a time in memory, write each window's contiguous runs once.
+
+    Why: a row-parallel (dim 1) split moves a tensor one row at a time, tens of thousands of
+    ranges of a few KB; a syscall per range (and its write-back advice) would cost more than the
+    bytes. Memory: one window. Bytes between the ranges are never written over.
+    """
+    if not ranges:
+        return
+    ranges = sorted(ranges, key=lambda r: r[2])
+    buf = memoryview(bytearray(WINDOW_BYTES))  # one buffer for every window: no page faults
+    i = 0
+    while i < len(ranges):
+        d0 = ranges[i][2]
+        j = i + 1
+        while j < len(ranges) and ranges[j][2] + ranges[j][3] - d0 <= WINDOW_BYTES:
+            j += 1
+        window = ranges[i:j]
+        d1 = max(r[2] + r[3] for r in window)
+        view = buf[: d1 - d0]
+        by_file: dict[str, list[tuple[str, int, int, int]]] = {}
+        for r in window:
+            by_file.setdefault(r[0], []).append(r)
+        for file, rs in by_file.items():
+            _read_scattered(src_fds[file], file, sorted(rs, key=lambda r: r[1]), view, d0)
+        start, end = window[0][2], window[0][2] + window[0][3]
+        for _, _, d_off, n in [*window[1:], (None, None, -1, 0)]:
+            if d_off == end:
+                end += n
+                continue
+            _pwrite_all(fd, view[start - d0 : end - d0], start)
+            start, end = d_off, d_off + n
+        if hasattr(os, "posix_fadvise"):  # start write-back, as _copy_range does
+            os.posix_fadvise(fd, d0, d1 - d0, os.POSIX_FADV_DONTNEED)
+        i = j
 
 
 def _coalesce(ranges: list[tuple[str, int, int, int]]) -> list[tuple[str, int, int, int]]:

@@ -310,6 +310,7 @@ class ShardReader:
         self.trust_checkpoint = trust_checkpoint
         self.max_open = max_open
         self._open: dict[str, Any] = {}
+        self._fds: dict[str, int] = {}
 
     def load(self, file: str) -> Any:
         """The object tree of one file, tensors as :class:`TensorRef` (metadata only: no torch,
@@ -344,9 +345,34 @@ class ShardReader:
             )
         return flat.narrow(0, piece.src_offset, piece.numel)
 
+    def read_bytes(self, piece: Piece, start: int, count: int) -> bytes:
+        """The raw bytes of ``count`` elements from element ``start`` of the piece's tensor
+        (flat, logical order), read from the file without torch when the tensor is contiguous."""
+        tensor = _get(self.load(piece.file), piece.key)
+        if not is_tensor(tensor) or start + count > tensor.numel():
+            raise CheckpointError(
+                f"{os.path.join(self.root, piece.file)}: {piece.key!r} cannot supply elements "
+                f"[{start}, {start + count}); the file does not belong to this save"
+            )
+        size = tensor.element_size()
+        if tensor.is_contiguous() and tensor.file_offset is not None:
+            if piece.file not in self._fds:
+                self._fds[piece.file] = os.open(os.path.join(self.root, piece.file), os.O_RDONLY)
+            data = os.pread(self._fds[piece.file], count * size, tensor.file_offset + start * size)
+            if len(data) != count * size:
+                raise CheckpointError(f"{os.path.join(self.root, piece.file)}: truncated")
+            return data
+        import torch
+
+        flat = tensor.to_torch().reshape(-1).narrow(0, start, count).contiguous()
+        return flat.view(torch.uint8).numpy().tobytes()
+
     def close(self) -> None:
-        """Drop every mapping."""
+        """Drop every mapping and file handle."""
         self._open.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> ShardReader:
         return self
@@ -1365,34 +1391,62 @@ def _finish(
     return tuple(out)
 
 
+_Key = tuple[str, str, "str | None"]
+
+
+def _local_bytes(b: _Builder, key: _Key, rank: int, lo: int, hi: int) -> bytes:
+    """Bytes of elements [lo, hi) of one tp rank's (flat) local tensor, from its pieces."""
+    size = torchfile.dtype(b.dtypes[key]).itemsize
+    out = bytearray((hi - lo) * size)
+    covered = 0
+    for p in b.pieces[key][rank]:
+        a, z = max(lo, p.dst_offset), min(hi, p.dst_offset + p.numel)
+        if a < z:
+            data = b.reader.read_bytes(p, p.src_offset + a - p.dst_offset, z - a)
+            out[(a - lo) * size : (z - lo) * size] = data
+            covered += z - a
+    if covered != hi - lo:
+        raise CheckpointError(
+            f"{b.tag_dir}: {key[0]}: pieces cover {covered} of elements [{lo}, {hi}) on tp rank "
+            f"{rank}; the checkpoint is incomplete"
+        )
+    return bytes(out)
+
+
+def _differing_rank(b: _Builder, key: tuple[str, str, str | None]) -> int | None:
+    """The first tp rank whose copy of ``key`` is not byte-identical to tp rank 0's, or None.
+    Compared a window at a time, from the files (no torch, memory bounded)."""
+    ranks = sorted(b.pieces[key])
+    shapes = {b.local_shapes[key][r] for r in ranks}
+    if len(shapes) > 1:
+        return next(r for r in ranks if b.local_shapes[key][r] != b.local_shapes[key][ranks[0]])
+    numel = _prod(shapes.pop())
+    step = max(1, (16 << 20) // torchfile.dtype(b.dtypes[key]).itemsize)
+    for lo in range(0, numel, step):
+        hi = min(numel, lo + step)
+        ref = _local_bytes(b, key, ranks[0], lo, hi)
+        for rank in ranks[1:]:
+            if _local_bytes(b, key, rank, lo, hi) != ref:
+                return rank
+    return None
+
+
 def _check_replicated(b: _Builder, key: tuple[str, str, str | None]) -> None:
     """A replicated tensor must be bit-identical on every tp rank: a reshape keeps one copy, so
     a wrong "replicated" in the sidecar or a rule would otherwise lose the other ranks' data."""
-    import torch
-
     name, role, state_key = key
-    entry = TensorEntry(
-        name=name, role=role, shape=(), dtype=b.dtypes[key], pieces=(), state_key=state_key
-    )
-    ref: torch.Tensor | None = None
-    for rank, pieces in sorted(b.pieces[key].items()):
-        t = load_entry(TensorEntry(**{**entry.__dict__, "pieces": tuple(pieces)}), b.reader)
-        bits = t.contiguous().reshape(-1).view(torch.uint8)
-        if ref is None:
-            ref = bits
-        elif not torch.equal(ref, bits):
-            what = f"{role} {state_key}" if state_key else role
-            raise CheckpointError(
-                f"{b.tag_dir}: {name} ({what}) is recorded as replicated across tensor-parallel "
-                f"ranks but tp rank {rank} differs from tp rank 0; it is split, not replicated: "
-                f"fix its entry in {SIDECAR_NAME} or pass TPRule({name!r}, TPSplit(dim=...))"
-            )
+    rank = _differing_rank(b, key)
+    if rank is not None:
+        what = f"{role} {state_key}" if state_key else role
+        raise CheckpointError(
+            f"{b.tag_dir}: {name} ({what}) is recorded as replicated across tensor-parallel "
+            f"ranks but tp rank {rank} differs from tp rank 0; it is split, not replicated: "
+            f"fix its entry in {SIDECAR_NAME} or pass TPRule({name!r}, TPSplit(dim=...))"
+        )
 
 
 def _prove_replicated(b: _Builder, name: str) -> None:
     """With no split info, a parameter is accepted only if every tp shard is identical."""
-    import torch
-
     key = (
         (name, ROLE_PARAM, None)
         if (name, ROLE_PARAM, None) in b.pieces
@@ -1409,17 +1463,6 @@ def _prove_replicated(b: _Builder, name: str) -> None:
     )
     if len(set(shapes.values())) > 1:
         raise CheckpointError(f"{b.tag_dir}: {hint} (shapes {sorted(shapes.items())})")
-    entry = TensorEntry(
-        name=name, role=key[1], shape=(), dtype=b.dtypes[key], pieces=(), state_key=key[2]
-    )
-    ref = None
-    for rank, pieces in sorted(b.pieces[key].items()):
-        t = load_entry(
-            TensorEntry(**{**entry.__dict__, "pieces": tuple(pieces)}),
-            b.reader,
-        )
-        if ref is None:
-            ref = t
-        elif not torch.equal(ref, t):
-            raise CheckpointError(f"{b.tag_dir}: {hint} (tp rank {rank} differs from tp rank 0)")
-    return None
+    rank = _differing_rank(b, key)
+    if rank is not None:
+        raise CheckpointError(f"{b.tag_dir}: {hint} (tp rank {rank} differs from tp rank 0)")
