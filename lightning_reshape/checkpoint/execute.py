@@ -53,8 +53,8 @@ COMPLETE_MARKER = ".lightning_reshape_complete"
 PARTIAL_MARKER = ".lightning_reshape_partial"
 CHUNK_BYTES = 16 << 20
 WRITEBACK_BYTES = 64 << 20
-SMALL_RANGE_BYTES = 1 << 20  # below this, a range is gathered in user space (see _gather)
-WINDOW_BYTES = 32 << 20
+SMALL_RANGE_BYTES = 256 << 10  # below this, a range is gathered in user space (see _gather)
+WINDOW_BYTES = 512 << 10  # small enough to stay in the CPU cache between the read and the write
 
 
 def plan_fingerprint(plan: Plan) -> str:
@@ -167,6 +167,7 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
         return sources[name]
 
     obj: dict[Any, Any] = {}
+    tensors: dict[tuple[str, Any], Any] = {}  # (src file, key path) -> tensor
     # (new tensor, [(src file, src tensor, src elem offset, dst elem offset, numel)])
     jobs: list[tuple[TensorRef, list[tuple[str, TensorRef, int, int, int]]]] = []
     for item in tf.items:
@@ -192,7 +193,9 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
             _set(obj, item.key, new)
             runs = []
             for c in item.copies:
-                src_t = _get(source(c.src_file), c.src_key)
+                src_t = tensors.get((c.src_file, c.src_key))
+                if src_t is None:
+                    src_t = tensors[c.src_file, c.src_key] = _get(source(c.src_file), c.src_key)
                 runs.append((c.src_file, src_t, c.src_offset, c.dst_offset, c.numel))
             jobs.append((new, runs))
     tmp = folder / f"{tf.name}.tmp"

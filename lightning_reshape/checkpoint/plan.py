@@ -343,7 +343,7 @@ class _Resolver:
         self.splits = splits
         self.tgt_tp = tgt_tp
         self._pieces: dict[tuple[Any, int], tuple[list[int], list[Piece]]] = {}
-        self._runs: dict[tuple[Any, int], list[tuple[int, int, int, int]]] = {}
+        self._runs: dict[tuple[Any, ...], tuple[list[int], list[tuple[int, ...]]]] = {}
 
     def pieces(self, entry: TensorEntry, rank: int) -> tuple[list[int], list[Piece]]:
         key = (entry.key, rank)
@@ -357,47 +357,58 @@ class _Resolver:
             self._pieces[key] = ([p.dst_offset for p in ps], ps)
         return self._pieces[key]
 
-    def runs(self, entry: TensorEntry, rank: int) -> list[tuple[int, int, int, int]]:
-        key = (entry.key, rank)
+    def runs(self, entry: TensorEntry, rank: int) -> tuple[list[int], list[tuple[int, ...]]]:
+        """(dst starts, runs) of ``_tp_runs``, adjacent runs merged; shared by every entry of
+        the same shape and split (a parameter, its master and each optimizer state)."""
+        split = self.splits.get(entry.name)
+        key = (entry.shape, split, rank)
         if key not in self._runs:
-            split = self.splits.get(entry.name)
-            runs: list[tuple[int, int, int, int]] = []
+            runs: list[tuple[int, ...]] = []
             for r in _tp_runs(entry.shape, split, self.m.topology.tp, self.tgt_tp, rank):
                 if runs and runs[-1][0] == r[0] and runs[-1][1] + runs[-1][3] == r[1]:
                     last = runs[-1]
                     runs[-1] = (last[0], last[1], last[2], last[3] + r[3])
                 else:
                     runs.append(r)
-            self._runs[key] = runs
+            self._runs[key] = ([r[2] for r in runs], runs)
         return self._runs[key]
 
     def copies(self, entry: TensorEntry, rank: int, lo: int, hi: int, dst_base: int) -> list[Copy]:
         """Copies placing target-local elements [lo, hi) of ``entry`` at ``dst_base``."""
         out: list[Copy] = []
-        runs = self.runs(entry, rank)
-        starts = [r[2] for r in runs]
+        starts, runs = self.runs(entry, rank)
+        pieces: dict[int, tuple[list[int], list[Piece]]] = {}
         i = max(0, bisect.bisect_right(starts, lo) - 1)
         while i < len(runs) and runs[i][2] < hi:
             src_rank, s_off, d_off, n = runs[i]
             a, b = max(lo, d_off), min(hi, d_off + n)
             if a < b:
+                if src_rank not in pieces:
+                    pieces[src_rank] = self.pieces(entry, src_rank)
                 self._piece_copies(
-                    entry, src_rank, s_off + a - d_off, b - a, dst_base + a - lo, out
+                    entry, pieces[src_rank], s_off + a - d_off, b - a, dst_base + a - lo, out
                 )
             i += 1
         return out
 
     def _piece_copies(
-        self, entry: TensorEntry, rank: int, src_lo: int, n: int, dst: int, out: list[Copy]
+        self,
+        entry: TensorEntry,
+        pieces: tuple[list[int], list[Piece]],
+        src_lo: int,
+        n: int,
+        dst: int,
+        out: list[Copy],
     ) -> None:
-        offs, ps = self.pieces(entry, rank)
+        offs, ps = pieces
         pos, end = src_lo, src_lo + n
         i = max(0, bisect.bisect_right(offs, pos) - 1)
         while pos < end:
             if i >= len(ps) or ps[i].dst_offset > pos:
                 raise CheckpointError(
                     f"{self.m.root}: {entry.name} ({entry.role} {entry.state_key or ''}) has no "
-                    f"stored element {pos} on tp rank {rank}; the checkpoint is incomplete"
+                    f"stored element {pos} on tp rank {ps[0].tp_rank if ps else '?'}; the "
+                    "checkpoint is incomplete"
                 )
             p = ps[i]
             take = min(end, p.dst_offset + p.numel) - pos
