@@ -102,9 +102,21 @@ def _build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--pp", type=_positive_int, default=1)
     convert.add_argument("--dp", type=_positive_int, required=True)
     convert.add_argument("--zero-stage", type=int, default=None, help="default: the source's")
+    convert.add_argument(
+        "--pp-partition",
+        default="parameters",
+        metavar="parameters|uniform|B0,B1,...",
+        help="partition_method of the target PipelineModule (default: DeepSpeed's 'parameters'), "
+        "or explicit stage boundaries as pp + 1 layer offsets",
+    )
     convert.add_argument("--tag", default=None, help="output tag (default: the source's)")
     convert.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
-    convert.add_argument("--workers", type=_positive_int, default=1)
+    convert.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=min(4, os.cpu_count() or 1),
+        help="target files written at once (default: up to 4, one per core)",
+    )
     convert.add_argument(
         "--tp-rule",
         action="append",
@@ -163,6 +175,7 @@ def _run_convert(args: argparse.Namespace) -> int:
             zero_stage=args.zero_stage,
             trust=args.trust_checkpoint,
             tp_rules=rules,  # type: ignore[arg-type]
+            pp_partition=args.pp_partition,
         )
         print(format_plan(plan))
         return 0
@@ -178,6 +191,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         progress=not args.quiet and sys.stderr.isatty(),
         workers=args.workers,
         tp_rules=rules,  # type: ignore[arg-type]
+        pp_partition=args.pp_partition,
     )
     print(f"wrote {out}")
     return 0

@@ -40,12 +40,14 @@ def plan_conversion(
     source_tag: str | None = None,
     trust: bool = False,
     tp_rules: Sequence[TPRule] | None = None,
+    pp_partition: str = "parameters",
 ) -> Plan:
     """Read ``src``'s metadata and plan the reshape (no data is read or written)."""
     manifest = read_manifest(src, tag=source_tag, trust_checkpoint=trust, tp_rules=tp_rules or ())
     meta = read_source_meta(manifest)
     stage = manifest.topology.zero_stage if zero_stage is None else zero_stage
-    return build_plan(manifest, meta, Target(tp, pp, dp, stage), tp_rules=tp_rules or ())
+    target = Target(tp, pp, dp, stage, pp_partition)
+    return build_plan(manifest, meta, target, tp_rules=tp_rules or ())
 
 
 def convert_checkpoint(
@@ -61,14 +63,24 @@ def convert_checkpoint(
     progress: bool = False,
     workers: int = 1,
     tp_rules: Sequence[TPRule] | None = None,
+    pp_partition: str = "parameters",
 ) -> Path:
     """Write ``src`` reshaped to (tp, pp, dp, zero_stage) as an engine save dir at ``dst``.
 
-    The tag is the source's unless ``tag`` is given; ``dst/latest`` points at it (unless ``dst``
-    is the source's own save dir, whose ``latest`` is left alone). Returns the tag folder.
+    ``pp_partition`` is the target PipelineModule's ``partition_method`` ("parameters",
+    "uniform" or boundaries "0,3,6"). The tag is the source's unless ``tag`` is given;
+    ``dst/latest`` points at it (unless ``dst`` is the source's own save dir, whose ``latest`` is
+    left alone). Returns the tag folder.
     """
     plan = plan_conversion(
-        src, tp=tp, pp=pp, dp=dp, zero_stage=zero_stage, trust=trust, tp_rules=tp_rules
+        src,
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        zero_stage=zero_stage,
+        trust=trust,
+        tp_rules=tp_rules,
+        pp_partition=pp_partition,
     )
     out_tag = tag or plan.source_tag
     src_save_dir = Path(plan.source_root).parent.resolve()

@@ -75,9 +75,17 @@ class Target:
     pp: int
     dp: int
     zero_stage: int
+    # DeepSpeed's PipelineModule partition_method of the target: "parameters" (its default),
+    # "uniform", or the stage boundaries themselves ("0,3,6": pp + 1 layer offsets)
+    pp_partition: str = "parameters"
 
     def __str__(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp} zero_stage={self.zero_stage}"
+        text = f"tp={self.tp} pp={self.pp} dp={self.dp} zero_stage={self.zero_stage}"
+        return (
+            text
+            if self.pp_partition == "parameters"
+            else f"{text} pp_partition={self.pp_partition}"
+        )
 
 
 @dataclass(frozen=True)
@@ -869,10 +877,11 @@ def _target_stages(
     groups: Sequence[Sequence[str]],
     splits: Mapping[str, TPSplit | None],
 ) -> tuple[int, ...]:
-    """Stage boundaries at the target pp, as DeepSpeed's PipelineModule computes them with its
-    default ``partition_method="parameters"``: balanced by each layer's trainable (tp-local)
-    parameter count. Layers are numbered by their files; a layer without a file (a function)
-    counts as 0 parameters. Function layers after the last layer file cannot be seen."""
+    """Stage boundaries at the target pp, as DeepSpeed's PipelineModule computes them for the
+    target's ``partition_method``: by default "parameters", balanced by each layer's trainable
+    (tp-local) parameter count; "uniform"; or explicit boundaries. Layers are numbered by their
+    files; a layer without a file (a function) counts as 0 parameters. Function layers after the
+    last layer file cannot be seen."""
     layers = {p.layer for e in manifest.tensors for p in e.pieces if p.layer is not None}
     if not layers:
         raise CheckpointError(f"{manifest.root}: a pipeline checkpoint without layer files")
@@ -886,7 +895,20 @@ def _target_stages(
             f"target pp={target.pp} exceeds the {len(counts)} pipeline layers of "
             f"{manifest.root}; choose pp <= {len(counts)}"
         )
-    return pipeline_stages(len(counts), target.pp, "parameters", layer_params=counts).parts
+    method = target.pp_partition.strip().lower()
+    if method in ("parameters", "uniform"):
+        return pipeline_stages(len(counts), target.pp, method, layer_params=counts).parts
+    try:
+        bounds = tuple(int(x) for x in method.split(","))
+    except ValueError:
+        raise LayoutError(
+            f"pp_partition={target.pp_partition!r}: expected 'parameters', 'uniform' or stage "
+            f"boundaries like '0,{len(counts) // 2},{len(counts)}' (pp + 1 layer offsets)"
+        ) from None
+    try:
+        return pipeline_stages(len(counts), target.pp, "explicit", boundaries=bounds).parts
+    except LayoutError as exc:
+        raise LayoutError(f"pp_partition={target.pp_partition!r}: {exc}") from None
 
 
 def _layer_files(

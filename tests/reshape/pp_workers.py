@@ -104,6 +104,7 @@ class PPSpec:
     optimizer: str = "adamw"
     steps: int = 2
     tp: int = 0  # 0: the plain model; >= 1: the tensor-parallel model at this tp
+    partition: str = "parameters"  # PipelineModule's partition_method
 
 
 def _tp_group(topo: Any) -> Any:
@@ -134,7 +135,9 @@ def _engine(spec: PPSpec, world: int) -> Any:
         ]
     else:
         layers = [LayerSpec(Embed), *[LayerSpec(Block, w) for w in widths], LayerSpec(Head)]
-    model = PipelineModule(layers=layers, topology=topo, loss_fn=_loss)
+    model = PipelineModule(
+        layers=layers, topology=topo, loss_fn=_loss, partition_method=spec.partition
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":
         opt: torch.optim.Optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.reader import read_manifest
 from lightning_reshape.checkpoint.verify import verify
 from lightning_reshape.errors import LayoutError
 from tests.deepspeed_harness import run_distributed
@@ -29,6 +30,9 @@ PAIRS = [
     ("pp2", 1, 2),  # pp 2 dp 1 -> pp 1 dp 2
     ("pp1dp2", 2, 1),  # pp 1 dp 2 -> pp 2 dp 1: ZeRO partitions of a dp 2 source
 ]
+# the target PipelineModule partitions uniformly (stages (0, 3, 6), not DeepSpeed's default
+# parameter balance (0, 4, 6)): (source, target pp, target dp)
+UNIFORM_PAIRS = [("pp2", 2, 1)]
 # tensor-parallel pipeline model (column/row/vocabulary parallel layers, sidecar):
 # (source, target tp, target pp); tp and pp swap places at 2 processes
 TP_PAIRS = [("tp2pp1", 1, 2), ("tp1pp2", 2, 1)]
@@ -39,14 +43,17 @@ def _label(src: str, pp: int, dp: int) -> str:
 
 
 def _convert(
-    root: Path, src_name: str, pp: int, dp: int = 1, tp: int = 0
+    root: Path, src_name: str, pp: int, dp: int = 1, tp: int = 0, partition: str = "parameters"
 ) -> tuple[str, str, PPSpec, str]:
     """Convert; ``tp=0`` is the plain model at tp 1, ``tp >= 1`` the tensor-parallel one."""
     src = root / "src" / src_name
     label = _label(src_name, pp, dp) if not tp else f"{src_name}->tp{tp}pp{pp}"
+    if partition != "parameters":
+        label += f"-{partition}"
     dst = root / "out" / label.replace(">", "")
-    convert_checkpoint(src, dst, tp=max(tp, 1), pp=pp, dp=dp)
-    return (label, str(dst), PPSpec(src_name, pp, tp=tp), str(src / "expected.pt"))
+    convert_checkpoint(src, dst, tp=max(tp, 1), pp=pp, dp=dp, pp_partition=partition)
+    spec = PPSpec(src_name, pp, tp=tp, partition=partition)
+    return (label, str(dst), spec, str(src / "expected.pt"))
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +80,7 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     )[0]
     jobs2 = [_convert(root, s, pp, dp) for s, pp, dp in PAIRS if pp * dp == 2]
     jobs2 += [_convert(root, s, pp, tp=tp) for s, tp, pp in TP_PAIRS]
+    jobs2 += [_convert(root, s, pp, dp, partition="uniform") for s, pp, dp in UNIFORM_PAIRS]
     res2 = run_distributed(load_worker, 2, jobs2, timeout=300)[0]
     return {"root": root, "parts": {**parts, **p1, **p3}, "results": {**res1, **res3, **res2}}
 
@@ -91,6 +99,38 @@ def test_pp_reshape_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[str, in
 @pytest.mark.parametrize("pair", TP_PAIRS, ids=lambda p: f"{p[0]}->tp{p[1]}pp{p[2]}")
 def test_tp_pp_swap_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[str, int, int]) -> None:
     assert pp_grid["results"][f"{pair[0]}->tp{pair[1]}pp{pair[2]}"] == []
+
+
+@pytest.mark.parametrize("pair", UNIFORM_PAIRS, ids=lambda p: _label(*p) + "-uniform")
+def test_uniform_target_partition_loads_bit_exact(
+    pp_grid: dict[str, Any], pair: tuple[str, int, int]
+) -> None:
+    assert pp_grid["results"][_label(*pair) + "-uniform"] == []
+
+
+def test_pp_partition_choices(pp_grid: dict[str, Any], tmp_path: Path) -> None:
+    """The target's stage boundaries follow the partition asked for; bad ones are refused."""
+    src = pp_grid["root"] / "src" / "pp2"
+    uniform = convert_checkpoint(src, tmp_path / "u", tp=1, pp=2, dp=1, pp_partition="uniform")
+    explicit = convert_checkpoint(src, tmp_path / "e", tp=1, pp=2, dp=1, pp_partition="0,2,6")
+
+    def stages(out: Path) -> list[int]:  # the stage of each layer, as written
+        by_layer = {
+            p.layer: p.pp_stage
+            for e in read_manifest(out).tensors
+            for p in e.pieces
+            if p.layer is not None
+        }
+        return [by_layer[k] for k in sorted(by_layer)]
+
+    assert stages(src) == [0, 0, 0, 0, 1, 1]  # DeepSpeed's parameter balance
+    assert stages(uniform) == [0, 0, 0, 1, 1, 1]
+    assert stages(explicit) == [0, 0, 1, 1, 1, 1]
+    assert verify(src, uniform) == [] and verify(src, explicit) == []
+    with pytest.raises(LayoutError, match="pp_partition='0,9'"):
+        convert_checkpoint(src, tmp_path / "bad", tp=1, pp=2, dp=1, pp_partition="0,9")
+    with pytest.raises(LayoutError, match="pp_partition='balanced'"):
+        convert_checkpoint(src, tmp_path / "bad2", tp=1, pp=2, dp=1, pp_partition="balanced")
 
 
 def test_round_trip_pp_2_3_1_2_verifies_equal(pp_grid: dict[str, Any], tmp_path: Path) -> None:
