@@ -50,7 +50,9 @@ __all__ = [
 MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 Z3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
-LAYER_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
+# layer_XX-model_YY-model_states.pt; "-model_YY" is absent when the pipeline topology has no
+# model-parallel axis (``PipelineModule(num_stages=N)``): then tp is 1
+LAYER_RE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 EXPERT_RE = re.compile(r"^(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt$|^expp_rank_")
 TAG_HINT = re.compile(r"^global_step(\d+)$")
 
@@ -478,7 +480,13 @@ def _scan(tag_dir: str) -> _Files:
             files.optim[(int(m.group(2)), int(m.group(3)))] = name
             files.bf16_prefix = files.bf16_prefix or bool(m.group(1))
         elif m := LAYER_RE.match(name):
-            files.layers[(int(m.group(1)), int(m.group(2)))] = name
+            key = (int(m.group(1)), int(m.group(2) or 0))
+            if key in files.layers:
+                raise CheckpointError(
+                    f"{os.path.join(tag_dir, name)}: layer {key[0]} has two files "
+                    f"({files.layers[key]} too); files from different saves?"
+                )
+            files.layers[key] = name
         elif EXPERT_RE.match(name):
             raise CheckpointError(
                 f"{os.path.join(tag_dir, name)}: mixture-of-experts checkpoints are not "
@@ -761,6 +769,8 @@ def _build(b: _Builder) -> Manifest:
         for alias, source in shared.items():
             b.aliases.setdefault(alias, source)
         param_shapes = sd.get("param_shapes")
+        if pipeline:
+            _refuse_tied_modules(b, main_files[mp], param_shapes)
         frozen_shapes = sd.get("frozen_param_shapes") or {}
         b.frozen.update(frozen_shapes)
         trainable: list[tuple[int, str, tuple[int, ...]]] = []  # (group, name, shape)
@@ -842,6 +852,19 @@ def _build(b: _Builder) -> Manifest:
             },
         },
     )
+
+
+def _refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
+    """Pipeline ``TiedLayerSpec`` modules are saved once, in the layer file of their first use,
+    but held (and optimized) by every stage that uses them; which stages those are is not in the
+    checkpoint, so no target layout can be derived: refuse rather than guess."""
+    tied = sorted({n for g in param_shapes or [] for n in g if str(n).startswith("tied_modules.")})
+    if tied:
+        raise CheckpointError(
+            f"{b.path(file)}: pipeline parameters {tied[:3]} belong to TiedLayerSpec modules; "
+            "the checkpoint does not record which stages use a tied module, so it cannot be "
+            "reshaped (pipeline models without tied layers can)"
+        )
 
 
 def _z3_model_dtype(b: _Builder, f: _Files, mp: int) -> str:

@@ -90,6 +90,21 @@ class TPHead(nn.Module):
         return self.proj(x)
 
 
+class TiedEmbed(nn.Module):
+    """One weight for the embedding and (through ``_tied_head``) the output projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(VOCAB, HIDDEN) * 0.1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)
+
+
+def _tied_head(module: TiedEmbed, x: torch.Tensor) -> torch.Tensor:
+    return x @ module.weight.t()
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.view(-1, VOCAB), labels.view(-1))
 
@@ -105,6 +120,8 @@ class PPSpec:
     steps: int = 2
     tp: int = 0  # 0: the plain model; >= 1: the tensor-parallel model at this tp
     partition: str = "parameters"  # PipelineModule's partition_method
+    num_stages: bool = False  # PipelineModule(num_stages=pp): no model axis, files lack -model_XX
+    tied: bool = False  # embedding and head share one TiedLayerSpec module
 
 
 def _tp_group(topo: Any) -> Any:
@@ -119,7 +136,7 @@ def _tp_group(topo: Any) -> Any:
 
 def _engine(spec: PPSpec, world: int) -> Any:
     import deepspeed
-    from deepspeed.pipe import LayerSpec, PipelineModule
+    from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
     torch.manual_seed(0)
@@ -133,10 +150,17 @@ def _engine(spec: PPSpec, world: int) -> Any:
             *[LayerSpec(TPBlock, group, w, 10 * i) for i, w in enumerate(widths)],
             LayerSpec(TPHead, group),
         ]
+    elif spec.tied:
+        layers = [
+            TiedLayerSpec("emb", TiedEmbed),
+            *[LayerSpec(Block, w) for w in widths],
+            TiedLayerSpec("emb", TiedEmbed, forward_fn=_tied_head),
+        ]
     else:
         layers = [LayerSpec(Embed), *[LayerSpec(Block, w) for w in widths], LayerSpec(Head)]
+    placement: dict[str, Any] = {"num_stages": spec.pp} if spec.num_stages else {"topology": topo}
     model = PipelineModule(
-        layers=layers, topology=topo, loss_fn=_loss, partition_method=spec.partition
+        layers=layers, loss_fn=_loss, partition_method=spec.partition, **placement
     )
     params = [p for p in model.parameters() if p.requires_grad]
     if spec.optimizer == "adamw":

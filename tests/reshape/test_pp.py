@@ -17,7 +17,7 @@ import pytest
 from lightning_reshape.checkpoint.convert import convert_checkpoint
 from lightning_reshape.checkpoint.reader import read_manifest
 from lightning_reshape.checkpoint.verify import verify
-from lightning_reshape.errors import LayoutError
+from lightning_reshape.errors import CheckpointError, LayoutError
 from tests.deepspeed_harness import run_distributed
 from tests.reshape.pp_workers import PPSpec, load_worker, train_and_load_worker, train_worker
 
@@ -43,7 +43,13 @@ def _label(src: str, pp: int, dp: int) -> str:
 
 
 def _convert(
-    root: Path, src_name: str, pp: int, dp: int = 1, tp: int = 0, partition: str = "parameters"
+    root: Path,
+    src_name: str,
+    pp: int,
+    dp: int = 1,
+    tp: int = 0,
+    partition: str = "parameters",
+    num_stages: bool = False,
 ) -> tuple[str, str, PPSpec, str]:
     """Convert; ``tp=0`` is the plain model at tp 1, ``tp >= 1`` the tensor-parallel one."""
     src = root / "src" / src_name
@@ -52,7 +58,7 @@ def _convert(
         label += f"-{partition}"
     dst = root / "out" / label.replace(">", "")
     convert_checkpoint(src, dst, tp=max(tp, 1), pp=pp, dp=dp, pp_partition=partition)
-    spec = PPSpec(src_name, pp, tp=tp, partition=partition)
+    spec = PPSpec(src_name, pp, tp=tp, partition=partition, num_stages=num_stages)
     return (label, str(dst), spec, str(src / "expected.pt"))
 
 
@@ -69,11 +75,14 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             PPSpec("pp1dp2", 1),
             PPSpec("tp2pp1", 1, tp=2),
             PPSpec("tp1pp2", 2, tp=1),
+            PPSpec("ns2", 2, num_stages=True),
+            PPSpec("tied2", 2, tied=True),
         ],
         timeout=300,
     )[0]
+    jobs1 = [_convert(root, "pp2", 1), _convert(root, "ns2", 1, num_stages=True)]
     res1, p1 = run_distributed(
-        train_and_load_worker, 1, src, [PPSpec("pp1", 1)], [_convert(root, "pp2", 1)], timeout=300
+        train_and_load_worker, 1, src, [PPSpec("pp1", 1)], jobs1, timeout=300
     )[0]
     res3, p3 = run_distributed(
         train_and_load_worker, 3, src, [PPSpec("pp3", 3)], [_convert(root, "pp2", 3)], timeout=300
@@ -131,6 +140,24 @@ def test_pp_partition_choices(pp_grid: dict[str, Any], tmp_path: Path) -> None:
         convert_checkpoint(src, tmp_path / "bad", tp=1, pp=2, dp=1, pp_partition="0,9")
     with pytest.raises(LayoutError, match="pp_partition='balanced'"):
         convert_checkpoint(src, tmp_path / "bad2", tp=1, pp=2, dp=1, pp_partition="balanced")
+
+
+def test_num_stages_pipeline_without_model_axis(pp_grid: dict[str, Any]) -> None:
+    """``PipelineModule(num_stages=N)`` names layer files without ``-model_XX``; they are read,
+    and the pp 1 copy loads into a ``num_stages=1`` engine bit for bit."""
+    src = pp_grid["root"] / "src" / "ns2" / "step2"
+    assert (src / "layer_01-model_states.pt").is_file()
+    assert not list(src.glob("layer_*-model_00-*"))
+    assert pp_grid["results"][_label("ns2", 1, 1)] == []
+
+
+def test_tied_pipeline_layers_are_refused(pp_grid: dict[str, Any], tmp_path: Path) -> None:
+    """Which stages use a TiedLayerSpec module is not in the checkpoint: refused, nothing
+    written."""
+    src = pp_grid["root"] / "src" / "tied2"
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states\.pt: .*TiedLayerSpec"):
+        convert_checkpoint(src, tmp_path / "out", tp=1, pp=1, dp=1)
+    assert not (tmp_path / "out").exists()
 
 
 def test_round_trip_pp_2_3_1_2_verifies_equal(pp_grid: dict[str, Any], tmp_path: Path) -> None:
