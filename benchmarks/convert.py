@@ -310,6 +310,16 @@ def main() -> None:
         results[name] = runs[len(runs) // 2]
         walls = ", ".join(f"{r[0]:.2f}" for r in runs)
         print(f"  {name}: wall {walls} s", flush=True)
+        if name.endswith("(CLI)"):  # what was timed must be right: the last output, verified
+            src = files[0].parent.parent
+            check = subprocess.run(
+                [sys.executable, "-m", "lightning_reshape.cli", "verify", str(src), str(out)],
+                capture_output=True,
+                text=True,
+            )
+            if check.returncode != 0:
+                raise SystemExit(f"{name}: output differs from the source:\n{check.stdout}")
+            print(f"    verify {src.name} {out.name}: {check.stdout.strip()}", flush=True)
         fresh(out)
     subprocess.run(["sync"], check=True)
 
