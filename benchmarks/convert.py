@@ -319,7 +319,8 @@ def main() -> None:
             )
             if check.returncode != 0:
                 raise SystemExit(f"{name}: output differs from the source:\n{check.stdout}")
-            print(f"    verify {src.name} {out.name}: {check.stdout.strip()}", flush=True)
+            verdict = check.stdout.strip().splitlines()[-1]
+            print(f"    lightning-reshape verify {src.name} {out.name}: {verdict}", flush=True)
         fresh(out)
     subprocess.run(["sync"], check=True)
 
