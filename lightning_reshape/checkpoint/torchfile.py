@@ -498,6 +498,8 @@ class _Unpickler(pickle.Unpickler):
             return _REAL[key]
         if key in _TORCH_FUNCS:
             return _TORCH_FUNCS[key]
+        if key == ("torch.storage", "UntypedStorage"):
+            return _BY_STORAGE["UntypedStorage"]
         if module == "torch":
             if name == "Size":
                 return Size
@@ -607,6 +609,11 @@ class _Pickler(pickle._Pickler):  # type: ignore[name-defined,misc]
         self.storages = storages  # id(StorageRef) -> (new key, ref)
 
     def save(self, obj: Any, save_persistent_id: bool = True) -> None:  # noqa: FBT001, FBT002
+        if isinstance(obj, StorageRef):
+            raise CheckpointError(
+                f"a bare storage (record data/{obj.key}, not inside a tensor) cannot be "
+                "written; only tensors' storages are moved"
+            )
         handler = _SAVERS.get(type(obj))
         if handler is None and isinstance(obj, type) and issubclass(obj, Opaque):
             handler = _Pickler._save_opaque_type

@@ -167,6 +167,25 @@ def test_damaged_files_name_the_file(tmp_path: Path) -> None:
         torchfile.load(junk)
 
 
+def test_pickled_objects_round_trip_as_they_were(tmp_path: Path) -> None:
+    """Trusted foreign objects (numpy arrays and scalars here) are kept as records and written
+    back as pickled: torch.load gives the same values. A bare storage cannot be written."""
+    import numpy as np
+
+    src = tmp_path / "np.pt"
+    torch.save({"a": np.arange(3, dtype=np.float32), "s": np.float64(2.5)}, src)
+    with pytest.raises(UnsafeCheckpointError, match=r"np\.pt: refusing to unpickle numpy"):
+        torchfile.load(src)
+    torchfile.save(torchfile.load(src, trust_checkpoint=True), tmp_path / "back.pt")
+    back = torch.load(tmp_path / "back.pt", weights_only=False)
+    assert back["a"].tolist() == [0.0, 1.0, 2.0] and back["a"].dtype == np.float32
+    assert back["s"] == np.float64(2.5) and type(back["s"]) is np.float64
+    bare = tmp_path / "bare.pt"
+    torch.save({"s": torch.ones(3).untyped_storage()}, bare)
+    with pytest.raises(CheckpointError, match="bare storage"):
+        torchfile.save(torchfile.load(bare), tmp_path / "bare2.pt")
+
+
 def test_same_object_same_bytes(tmp_path: Path) -> None:
     """A conversion run twice writes identical files (the serialization id comes from content)."""
     obj = {"a": torchfile.TensorRef.empty((4, 3), "bfloat16"), "s": torchfile.Size((4, 3))}
