@@ -206,6 +206,7 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
     ranges: list[tuple[str, int, int, int]] = []
     # per source tensor: (elements, byte offset in its file when contiguous)
     addressable: dict[int, tuple[int, int | None]] = {}
+    src_files: dict[str, torchfile.StoredFile] = {}  # opened by identity: no swapped file read
     fd = os.open(tmp, os.O_WRONLY)
     try:
         for dst_t, runs in jobs:
@@ -217,6 +218,8 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
                     continue
                 known = addressable.get(id(src_t))
                 if known is None and isinstance(src_t, TensorRef):
+                    if src_t.storage.file is not None:
+                        src_files.setdefault(file, src_t.storage.file)
                     at = src_t.file_offset if src_t.is_contiguous() else None
                     known = (src_t.numel(), at)
                     addressable[id(src_t)] = known
@@ -238,7 +241,7 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
         src_fds: dict[str, int] = {}
         try:
             for file in {r[0] for r in ranges}:
-                src_fds[file] = os.open(os.path.join(plan.source_root, file), os.O_RDONLY)
+                src_fds[file] = src_files[file].open()
             small: list[tuple[str, int, int, int]] = []
             for file, src_off, dst_off, nbytes in _coalesce(ranges):
                 if nbytes < SMALL_RANGE_BYTES:

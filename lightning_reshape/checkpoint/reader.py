@@ -359,7 +359,7 @@ class ShardReader:
         size = tensor.element_size()
         if tensor.is_contiguous() and tensor.file_offset is not None:
             if piece.file not in self._fds:
-                self._fds[piece.file] = os.open(os.path.join(self.root, piece.file), os.O_RDONLY)
+                self._fds[piece.file] = tensor.storage.file.open()
             data = os.pread(self._fds[piece.file], count * size, tensor.file_offset + start * size)
             if len(data) != count * size:
                 raise CheckpointError(f"{os.path.join(self.root, piece.file)}: truncated")

@@ -46,6 +46,7 @@ __all__ = [
     "DType",
     "Opaque",
     "Size",
+    "StoredFile",
     "TensorRef",
     "is_tensor",
     "load",
@@ -191,18 +192,34 @@ class GlobalName:
 
 
 @dataclass(frozen=True)
-class _File:
-    """One opened checkpoint file: its path and the data offset of each storage record."""
+class StoredFile:
+    """One read checkpoint file: its path, identity and the data offset of each storage record."""
 
     path: str
     offsets: Mapping[str, tuple[int, int]]  # storage key -> (byte offset, nbytes)
+    identity: tuple[int, ...] = ()  # (device, inode, size, mtime) when it was read
+
+    def open(self) -> int:
+        """A read-only descriptor of this very file; refuses one replaced or rewritten since it
+        was read (its offsets would point at other bytes)."""
+        fd = os.open(self.path, os.O_RDONLY)
+        if _identity(os.fstat(fd)) != self.identity:
+            os.close(fd)
+            raise CheckpointError(
+                f"{self.path}: changed since it was read (rewritten or replaced); run again"
+            )
+        return fd
+
+
+def _identity(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 @dataclass(frozen=True)
 class StorageRef:
     """One storage record of a file (or, with ``file`` None, a storage to be written)."""
 
-    file: _File | None
+    file: StoredFile | None
     key: str
     dtype: DType
     numel: int
@@ -295,8 +312,11 @@ class TensorRef:
         if self.numel() != 1 or self.storage.file is None:
             raise ValueError("item() needs a one-element tensor read from a file")
         size = self.element_size()
-        with open(self.storage.file.path, "rb") as fh:
-            raw = os.pread(fh.fileno(), size, self.file_offset)  # type: ignore[arg-type]
+        fd = self.storage.file.open()
+        try:
+            raw = os.pread(fd, size, self.file_offset)  # type: ignore[arg-type]
+        finally:
+            os.close(fd)
         if self.dtype.name == "bfloat16":
             return float(struct.unpack("<f", b"\x00\x00" + raw)[0])
         if not self.dtype.struct_code:
@@ -310,7 +330,7 @@ class TensorRef:
 
         if self.storage.file is None:
             raise ValueError("to_torch() needs a tensor read from a file")
-        mm = _mapping(self.storage.file.path)
+        mm = _mapping(self.storage.file)
         base, nbytes = self.storage.file.offsets[self.storage.key]
         t_dtype = self.dtype.to_torch()
         count = nbytes // self.element_size()
@@ -324,20 +344,24 @@ class TensorRef:
         return f"TensorRef({self.dtype}, shape={tuple(self.shape)})"
 
 
-_MAPS: dict[str, mmap.mmap] = {}
+_MAPS: dict[tuple[Any, ...], mmap.mmap] = {}
 _MAPS_LOCK = threading.Lock()
 
 
-def _mapping(path: str) -> mmap.mmap:
+def _mapping(file: StoredFile) -> mmap.mmap:
     """A private (copy-on-write) mapping of the whole file, shared by its tensors."""
+    key = (file.path, *file.identity)
     with _MAPS_LOCK:
-        mm = _MAPS.get(path)
+        mm = _MAPS.get(key)
         if mm is None:
-            with open(path, "rb") as fh:
-                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            fd = file.open()
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
             if len(_MAPS) > 64:
                 _MAPS.clear()  # tensors keep their own mapping alive
-            _MAPS[path] = mm
+            _MAPS[key] = mm
         return mm
 
 
@@ -408,8 +432,7 @@ class Opaque:
         return (
             isinstance(other, Opaque)
             and (self._module, self._name) == (other._module, other._name)
-            and {k: v for k, v in self.__dict__.items()}
-            == {k: v for k, v in other.__dict__.items()}
+            and self.__dict__ == other.__dict__
         )
 
     __hash__ = object.__hash__
@@ -486,7 +509,7 @@ _TORCH_FUNCS: dict[tuple[str, str], Any] = {
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, data: bytes, file: _File, trusted: bool) -> None:
+    def __init__(self, data: bytes, file: StoredFile, trusted: bool) -> None:
         super().__init__(io.BytesIO(data))
         self.file = file
         self.trusted = trusted
@@ -571,12 +594,13 @@ def load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> Any
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise CheckpointError(f"{path}: record {info.filename} is compressed")
                     offsets[rest[5:]] = (_local_data_offset(fh, info), info.file_size)
-            size = os.fstat(fh.fileno()).st_size
+            st = os.fstat(fh.fileno())
+            size = st.st_size
             for key, (off, n) in offsets.items():
                 if off + n > size:
                     raise CheckpointError(f"{path}: storage data/{key} runs past the end of file")
             data = zf.read(pkl[0])
-        return _Unpickler(data, _File(path, offsets), trust_checkpoint).load()
+        return _Unpickler(data, StoredFile(path, offsets, _identity(st)), trust_checkpoint).load()
     except CheckpointError:
         raise
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error) as exc:

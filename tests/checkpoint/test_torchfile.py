@@ -186,6 +186,19 @@ def test_pickled_objects_round_trip_as_they_were(tmp_path: Path) -> None:
         torchfile.save(torchfile.load(bare), tmp_path / "bare2.pt")
 
 
+def test_a_file_rewritten_after_reading_is_refused(tmp_path: Path) -> None:
+    """Offsets read from a file are never applied to another file at the same path."""
+    path = tmp_path / "x.pt"
+    torch.save({"w": torch.arange(4.0), "step": torch.tensor(3)}, path)
+    obj = torchfile.load(path)
+    assert obj["step"].item() == 3 and obj["w"].to_torch().tolist() == [0.0, 1.0, 2.0, 3.0]
+    torch.save({"w": torch.zeros(4), "step": torch.tensor(9), "pad": torch.ones(100)}, path)
+    with pytest.raises(CheckpointError, match=r"x\.pt: changed since it was read"):
+        obj["step"].item()
+    fresh = torchfile.load(path)
+    assert fresh["step"].item() == 9
+
+
 def test_same_object_same_bytes(tmp_path: Path) -> None:
     """A conversion run twice writes identical files (the serialization id comes from content)."""
     obj = {"a": torchfile.TensorRef.empty((4, 3), "bfloat16"), "s": torchfile.Size((4, 3))}
