@@ -107,15 +107,37 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
     Args:
         parallel: the layout (``ParallelConfig``, a mapping of its fields, or None for pure
             data parallelism), resolved against the world size in ``setup_environment``.
+        partition_method: DeepSpeed's ``PipelineModule`` partition_method ("parameters",
+            "uniform", "type:REGEX") for a LightningModule with ``configure_pipeline``.
+        micro_batches: micro-batches per step for the pipeline engine; default
+            ``Trainer(accumulate_grad_batches)``. Each step's batch is cut into this many.
+        topology: a DeepSpeed ``ProcessTopology`` (axes pipe, data, model) instead of
+            ``parallel``; the pipeline is then built on it.
         **kwargs: everything :class:`~lightning.pytorch.strategies.DeepSpeedStrategy` takes.
     """
 
     strategy_name = "deepspeed_reshape"
 
     def __init__(
-        self, *args: Any, parallel: ParallelConfig | Mapping[str, Any] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        parallel: ParallelConfig | Mapping[str, Any] | None = None,
+        partition_method: str = "parameters",
+        micro_batches: int | None = None,
+        topology: Any = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        if topology is not None:
+            from lightning_reshape.lightning.pipeline import config_from_topology
+
+            if parallel is not None:
+                raise TopologyError(
+                    "pass either parallel= or topology= (a DeepSpeed ProcessTopology), not both"
+                )
+            parallel = config_from_topology(topology)
+        if micro_batches is not None and int(micro_batches) < 1:
+            raise TopologyError(f"micro_batches={micro_batches}: expected a positive integer")
         if parallel is None:
             parallel = ParallelConfig()
         elif isinstance(parallel, Mapping):
@@ -129,6 +151,13 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         self.layout: ParallelLayout | None = None
         self.parallel_state: Any = None
         self.last_resume: ResumeReport | None = None
+        # pipeline engine (a LightningModule with configure_pipeline): DeepSpeed's
+        # partition_method, micro-batches per step (None: accumulate_grad_batches), topology
+        self.partition_method = partition_method
+        self.micro_batches = None if micro_batches is None else int(micro_batches)
+        self.pipeline_topology = topology
+        self.pipeline: Any = None  # this rank's PipelineModule, once built
+        self._pipeline_spec: Any = None
 
     # ---------------------------------------------------------------- environment, groups
 
@@ -214,7 +243,15 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         self._refuse_pipeline()
-
+        if self.pipeline is not None:
+            # DeepSpeed builds its PipelineEngine for a PipelineModule; its grid (the module's
+            # topology, checked equal to ours) replaces the mpu.
+            if self.current_zero_stage > 1:
+                raise TopologyError(
+                    f"ZeRO stage {self.current_zero_stage}: DeepSpeed's pipeline engine supports "
+                    "ZeRO 0 and 1 only; use ReshapeDeepSpeedStrategy(stage=1) with pp"
+                )
+            model = self.pipeline
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             args=self._ds_args(),
             config=self.config,
@@ -222,24 +259,142 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
             model_parameters=[p for p in model.parameters() if p.requires_grad],
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
-            mpu=self.mpu,
+            mpu=None if self.pipeline is not None else self.mpu,
             dist_init_required=False,
         )
         return engine, ds_optimizer
 
     def _refuse_pipeline(self) -> None:
-        """DeepSpeed's pipeline engine needs a PipelineModule and its own grid (mpu=None)."""
-        if self.layout is not None and self.layout.pp > 1:
+        """pp > 1 needs the model as a layer list: a LightningModule with configure_pipeline."""
+        if self.layout is not None and self.layout.pp > 1 and self.pipeline is None:
             raise TopologyError(
-                f"pp={self.layout.pp}: this strategy does not drive DeepSpeed's pipeline engine "
-                "(PipelineModule) yet; set pp=1 (tp and dp may change freely), or convert a "
-                "pipeline checkpoint offline with `lightning-reshape convert`"
+                f"pp={self.layout.pp}: DeepSpeed's pipeline engine needs the model as a layer "
+                "list; implement configure_pipeline() on the LightningModule (see "
+                "lightning_reshape.lightning.PipelineLightningModule), or set pp=1"
             )
+
+    # ---------------------------------------------------------------- pipeline engine
+
+    def _wants_pipeline(self) -> bool:
+        module = self.lightning_module
+        return module is not None and callable(getattr(module, "configure_pipeline", None))
+
+    def setup(self, trainer: Any) -> None:
+        if self._wants_pipeline() and self.pipeline is None:
+            self._build_pipeline()
+        super().setup(trainer)
+
+    def _build_pipeline(self) -> None:
+        """Build this rank's PipelineModule from the module's hook, on our layout, and hang it
+        on the LightningModule (``module.pipeline``) so configure_optimizers sees its
+        parameters and Lightning moves it with the module."""
+        from lightning_reshape.lightning.pipeline import build_pipeline_module
+
+        assert self.layout is not None and self.lightning_module is not None
+        module = self.lightning_module
+        spec = module.configure_pipeline()
+        self.pipeline = build_pipeline_module(
+            spec,
+            self.layout,
+            self.parallel_state,
+            self.global_rank,
+            partition_method=self.partition_method,
+            topology=self.pipeline_topology,
+        )
+        self._pipeline_spec = spec
+        module.pipeline = self.pipeline
+
+    def _pipeline_micro_batches(self) -> int:
+        if self.micro_batches is not None:
+            return self.micro_batches
+        assert self.lightning_module is not None
+        return int(self.lightning_module.trainer.accumulate_grad_batches)
+
+    def _format_batch_size_and_grad_accum_config(self) -> None:
+        super()._format_batch_size_and_grad_accum_config()
+        if self.pipeline is None:
+            return
+        # One Lightning step = one train_batch over `micro` micro-batches of the loader's batch.
+        assert isinstance(self.config, dict)
+        micro = self._pipeline_micro_batches()
+        rows = int(self.config["train_micro_batch_size_per_gpu"])
+        if rows % micro:
+            raise TopologyError(
+                f"the loader's batch of {rows} rows does not split into {micro} micro-batches; "
+                f"make the batch size a multiple of {micro}"
+            )
+        assert self.layout is not None
+        self.config["gradient_accumulation_steps"] = micro
+        self.config["train_micro_batch_size_per_gpu"] = rows // micro
+        self.config["train_batch_size"] = rows * self.layout.dp
+
+    def run_pipeline(self, batch: Any, *, train: bool) -> torch.Tensor:
+        """One global step of the pipeline on this rank's batch (see ``pipeline_step``)."""
+        from lightning_reshape.lightning.pipeline import micro_batches_of
+
+        if self.pipeline is None:
+            raise TopologyError(
+                "pipeline_step() needs the pipeline engine: the LightningModule must implement "
+                "configure_pipeline()"
+            )
+        split = self._pipeline_spec.split_batch
+        pair = split(batch) if split is not None else tuple(batch)
+        if len(pair) != 2:
+            raise TopologyError(
+                f"the pipeline batch must be (inputs, labels); got {len(pair)} items; give "
+                "PipelineLayers(split_batch=...) to build the pair"
+            )
+        engine = self.deepspeed_engine
+        micro = engine.micro_batches
+        chunks = micro_batches_of((pair[0], pair[1]), micro)
+        if train:
+            return engine.train_batch(iter(chunks))
+        return engine.eval_batch(iter(chunks), num_micro_batches=micro)
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipeline is None:
+            return super().training_step(*args, **kwargs)
+        # PipelineEngine refuses forward(): the module's step calls run_pipeline itself.
+        assert self.lightning_module is not None
+        with self.precision_plugin.train_step_context():
+            return self.lightning_module.training_step(*args, **kwargs)
+
+    def validation_step(self, *args: Any, **kwargs: Any) -> Any:
+        if self.pipeline is None:
+            return super().validation_step(*args, **kwargs)
+        assert self.lightning_module is not None
+        with self.precision_plugin.val_step_context():
+            return self.lightning_module.validation_step(*args, **kwargs)
+
+    def backward(self, closure_loss: torch.Tensor, optimizer: Any, *args: Any, **kwargs: Any):
+        if self.pipeline is None:
+            return super().backward(closure_loss, optimizer, *args, **kwargs)
+        # train_batch has run every backward already; keep Lightning's hooks around it.
+        assert self.lightning_module is not None
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+        return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
+
+    def optimizer_step(
+        self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any
+    ) -> Any:
+        if self.pipeline is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+        # The closure runs training_step, i.e. train_batch, which steps the optimizer (with
+        # DeepSpeed's gradient clipping); LR schedulers stay Lightning's, as for DeepSpeed.
+        model = model or self.lightning_module
+        result = closure()
+        self.precision_plugin._after_closure(model, optimizer)
+        return result
 
     def _initialize_deepspeed_inference(self, model: Module) -> None:
         import deepspeed
         from lightning.pytorch.strategies.deepspeed import remove_module_hooks
 
+        if self.pipeline is not None:
+            raise TopologyError(
+                "trainer.validate/test/predict outside fit is not supported with the pipeline "
+                "engine; validation inside Trainer.fit works (val_dataloaders)"
+            )
         self._refuse_pipeline()
 
         assert isinstance(self.config, dict)
@@ -319,14 +474,38 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
             else:
                 splits[name] = None
         layout = self.layout
+        extra: dict[str, Any] = {
+            "world_size": layout.world_size,
+            "order": layout.order,
+            "cp": layout.cp,
+        }
+        if self.pipeline is not None:
+            # Each stage sees only its own layers: the record joins every stage's splits.
+            gathered: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(gathered, splits)
+            for part in gathered:
+                splits.update(part)
+            extra["pipeline"] = self._pipeline_record()
         return Sidecar(
             tp=layout.tp,
             pp=layout.pp,
             dp=layout.dp,
             zero_stage=self.current_zero_stage,
             tp_splits=splits,
-            extra={"world_size": layout.world_size, "order": layout.order, "cp": layout.cp},
+            extra=extra,
         )
+
+    def _pipeline_record(self) -> dict[str, Any]:
+        """What a stock pipeline checkpoint does not say: how many layers, which are modules
+        (they have a layer file, even without parameters), where the stages cut."""
+        pipe = self.pipeline
+        specs = list(pipe._layer_specs)
+        return {
+            "num_layers": len(specs),
+            "module_layers": [i for i, s in enumerate(specs) if _is_module_layer(s)],
+            "parts": [int(x) for x in pipe.parts],
+            "partition_method": self.partition_method,
+        }
 
     # ---------------------------------------------------------------- load
 
@@ -382,7 +561,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
 
         if (saved.tp, saved.pp, saved.zero_stage) != (current.tp, current.pp, current.zero_stage):
             return False
-        if current.pp != 1 or current.zero_stage not in (1, 2):
+        if current.pp != 1 or current.zero_stage not in (1, 2) or self.pipeline is not None:
             return False
         return direct_unsupported_reason(self.deepspeed_engine) is None
 
@@ -470,6 +649,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 zero_stage=current.zero_stage,
                 trust=policy.trust_checkpoint,
                 tp_rules=policy.tp_rules,
+                **self._pipeline_target(),
             ),
             source,
             current,
@@ -508,6 +688,14 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
 
         self._on_zero(finish, source, current)
         return bool(complete)
+
+    def _pipeline_target(self) -> dict[str, Any]:
+        """The target stages exactly as this run's PipelineModule cut them."""
+        if self.pipeline is None:
+            return {}
+        from lightning_reshape.lightning.pipeline import partition_boundaries
+
+        return {"pp_partition": partition_boundaries(self.pipeline)}
 
     def _on_all(self, fn: Callable[[], _T], source: str, current: SavedTopology) -> _T:
         """Run ``fn`` on every rank; if any rank fails, every rank raises its message."""
@@ -580,6 +768,16 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         for name, (description, params) in variants.items():
             if name not in strategy_registry:
                 strategy_registry.register(name, cls, description=description, **params)
+
+
+def _is_module_layer(spec: Any) -> bool:
+    """A layer DeepSpeed writes a file for: a module or a LayerSpec, not a plain function
+    (a TiedLayerSpec with a forward_fn is saved as its module only where it is first built)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    if isinstance(spec, TiedLayerSpec):
+        return spec.forward_fn is None
+    return isinstance(spec, (Module, LayerSpec))
 
 
 def _same(a: SavedTopology, b: SavedTopology) -> bool:

@@ -115,11 +115,60 @@ def full_params(engine: Any, state: Any) -> dict[str, list[float]]:
     return out
 
 
+PIPE_MODELS = ("pipe", "tied_gpt")
+
+
+def make_pipe(spec: dict[str, Any]) -> Any:
+    """A pipeline module (tests/lightning/pipe_models.py) fed from the global step."""
+    from tests.lightning.pipe_models import SEQ, VOCAB, PipeNet, TiedGPT
+
+    global_batch = int(spec.get("global_batch", 8))
+    holder: dict[str, Any] = {}
+
+    def step_batch(step: int) -> Any:
+        sampler = holder["module"].trainer.strategy.distributed_sampler_kwargs
+        rank, dp = sampler["rank"], sampler["num_replicas"]
+        if spec["model"] == "tied_gpt":
+            return tokens_for(step, global_batch, rank, dp, SEQ, VOCAB)
+        return batch_for(step, global_batch, rank, dp)
+
+    module = (TiedGPT if spec["model"] == "tied_gpt" else PipeNet)(step_batch)
+    holder["module"] = module
+    return module
+
+
+def state_dump(spec: dict[str, Any]) -> Any:
+    """Dump every parameter's fp32 value and optimizer states (all stages) to
+    ``<out>.state<step>.pt`` at ``spec["dump_step"]`` and, on a resume, at the start."""
+    import lightning.pytorch as pl
+
+    from tests.lightning.pipe_models import pipeline_state
+
+    class Dump(pl.Callback):
+        def _dump(self, trainer: Any, label: str) -> None:
+            strategy = trainer.strategy
+            state = pipeline_state(strategy.deepspeed_engine, strategy.parallel_state)
+            if trainer.is_global_zero:
+                torch.save(state, f"{spec['out']}.state{label}.pt")
+
+        def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+            if spec.get("resume"):
+                self._dump(trainer, "start")
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            if trainer.global_step == spec.get("dump_step"):
+                self._dump(trainer, str(trainer.global_step))
+
+    return Dump()
+
+
 def make_module(spec: dict[str, Any]) -> Any:
     import lightning.pytorch as pl
 
     if spec.get("model") == "gpt":
         return make_gpt(spec)
+    if spec.get("model") in PIPE_MODELS:
+        return make_pipe(spec)
     global_batch = int(spec.get("global_batch", 8))
 
     class Net(pl.LightningModule):
@@ -164,8 +213,16 @@ def main() -> None:
 
     devices = int(spec["devices"])
     parallel = spec.get("parallel")
-    if parallel is not None or spec.get("strategy") is None:
-        strategy: Any = ReshapeDeepSpeedStrategy(stage=int(spec.get("stage", 2)), parallel=parallel)
+    pipe = spec.get("model") in PIPE_MODELS
+    if pipe:
+        strategy: Any = ReshapeDeepSpeedStrategy(
+            stage=1,
+            parallel=parallel,
+            partition_method=spec.get("partition", "parameters"),
+            micro_batches=int(spec.get("micro_batches", 2)),
+        )
+    elif parallel is not None or spec.get("strategy") is None:
+        strategy = ReshapeDeepSpeedStrategy(stage=int(spec.get("stage", 2)), parallel=parallel)
     else:
         strategy = spec["strategy"]
     global_batch = int(spec.get("global_batch", 8))
@@ -174,6 +231,8 @@ def main() -> None:
     callbacks: list[Any] = []
     if spec.get("auto_reshape", True):
         callbacks.append(AutoReshape(**spec.get("policy", {})))
+    if pipe:
+        callbacks.append(state_dump(spec))
     if spec.get("ckpt_dir"):
         callbacks.append(
             ModelCheckpoint(
@@ -194,19 +253,35 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=True,
+        gradient_clip_val=spec.get("clip"),
+        **(
+            {"val_check_interval": int(spec["val_every"]), "limit_val_batches": 1}
+            if spec.get("val_every")
+            else {}
+        ),
     )
     module = make_module(spec)
     loader = DataLoader(Ticks(), batch_size=global_batch // dp)
-    trainer.fit(module, loader, ckpt_path=spec.get("resume"))
+    val_loader = None
+    if spec.get("val_every"):
+        val_loader = DataLoader(Ticks(), batch_size=global_batch // dp)
+    trainer.fit(module, loader, val_loader, ckpt_path=spec.get("resume"))
     if spec.get("save"):
         trainer.save_checkpoint(spec["save"])
 
-    params = full_params(trainer.strategy.deepspeed_engine, trainer.strategy.parallel_state)
+    if pipe:
+        from tests.lightning.pipe_models import pipeline_state
+
+        state = pipeline_state(trainer.strategy.deepspeed_engine, trainer.strategy.parallel_state)
+        params = {k: v["param"].flatten().tolist() for k, v in state.items()}
+    else:
+        params = full_params(trainer.strategy.deepspeed_engine, trainer.strategy.parallel_state)
     if trainer.is_global_zero:
         report = getattr(trainer.strategy, "last_resume", None)
         history = next((cb.history for cb in trainer.callbacks if isinstance(cb, AutoReshape)), [])
         result = {
             "losses": {str(k): v for k, v in module.losses.items()},
+            "val_losses": getattr(module, "val_losses", []),
             "params": params,
             "global_step": trainer.global_step,
             "strategy": type(trainer.strategy).__name__,
@@ -220,7 +295,10 @@ def main() -> None:
                 "seconds": report.seconds,
             },
             "history": history,
+            "lr": [g["lr"] for g in trainer.optimizers[0].param_groups],
         }
+        if pipe:
+            result["parts"] = [int(x) for x in trainer.strategy.pipeline.parts]
         with open(spec["out"], "w", encoding="utf-8") as fh:
             json.dump(result, fh)
 
