@@ -881,11 +881,13 @@ def _target_stages(
     target's ``partition_method``: by default "parameters", balanced by each layer's trainable
     (tp-local) parameter count; "uniform"; or explicit boundaries. Layers are numbered by their
     files; a layer without a file (a function) counts as 0 parameters. Function layers after the
-    last layer file cannot be seen."""
+    last layer file are known only from our sidecar (its layer count)."""
     layers = {p.layer for e in manifest.tensors for p in e.pieces if p.layer is not None}
+    known = manifest.extra.get("pipeline_layers") or {}
+    layers.update(known.get("module_layers", ()))
     if not layers:
         raise CheckpointError(f"{manifest.root}: a pipeline checkpoint without layer files")
-    counts = [0] * (max(layers) + 1)
+    counts = [0] * max(max(layers) + 1, int(known.get("num_layers", 0) or 0))
     shapes = {e.name: e.shape for e in manifest.entries(ROLE_FP32)}
     for names in groups:
         for n in names:
@@ -927,6 +929,12 @@ def _layer_files(
         shape = local_shape(e)
         copies = res.copies(e, tp_rank, 0, math.prod(shape), 0)
         by_layer.setdefault(layer, []).append(TensorFill(key, e.dtype, shape, tuple(copies)))
+    # Modules without parameters or buffers (activations, dropout) still have a layer file,
+    # an empty state dict, which DeepSpeed's load_state_dir requires.
+    known = manifest.extra.get("pipeline_layers") or {}
+    for layer in known.get("module_layers", ()):
+        if lo <= layer < hi:
+            by_layer.setdefault(layer, [])
     return [
         TargetFile(f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt", tuple(fills))
         for layer, fills in sorted(by_layer.items())

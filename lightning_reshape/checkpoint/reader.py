@@ -850,8 +850,21 @@ def _build(b: _Builder) -> Manifest:
             "client_scalars": {
                 k: first[k] for k in client_keys if isinstance(first[k], (int, float, str, bool))
             },
+            **({"pipeline_layers": _pipeline_layers(f, sidecar)} if pipeline else {}),
         },
     )
+
+
+def _pipeline_layers(f: _Files, sidecar: Sidecar | None) -> dict[str, Any]:
+    """Which pipeline layers are modules (DeepSpeed writes a layer file for each, parameters or
+    not, and expects each at load) and how many layers the list holds (functions after the
+    last module are only known from our sidecar)."""
+    modules = {layer for layer, _ in f.layers}
+    record = (sidecar.extra.get("pipeline") if sidecar is not None else None) or {}
+    modules.update(int(x) for x in record.get("module_layers", ()))
+    count = max(modules) + 1 if modules else 0
+    count = max(count, int(record.get("num_layers", 0) or 0))
+    return {"module_layers": tuple(sorted(modules)), "num_layers": count}
 
 
 def _refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
