@@ -105,6 +105,10 @@ def _tied_head(module: TiedEmbed, x: torch.Tensor) -> torch.Tensor:
     return x @ module.weight.t()
 
 
+def _halve(x: torch.Tensor) -> torch.Tensor:
+    return x * 0.5
+
+
 def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.view(-1, VOCAB), labels.view(-1))
 
@@ -122,6 +126,7 @@ class PPSpec:
     partition: str = "parameters"  # PipelineModule's partition_method
     num_stages: bool = False  # PipelineModule(num_stages=pp): no model axis, files lack -model_XX
     tied: bool = False  # embedding and head share one TiedLayerSpec module
+    acts: bool = False  # parameter-free modules and a plain function between the blocks
 
 
 def _tp_group(topo: Any) -> Any:
@@ -155,6 +160,20 @@ def _engine(spec: PPSpec, world: int) -> Any:
             TiedLayerSpec("emb", TiedEmbed),
             *[LayerSpec(Block, w) for w in widths],
             TiedLayerSpec("emb", TiedEmbed, forward_fn=_tied_head),
+        ]
+    elif spec.acts:
+        # modules without parameters still get a (small) layer file; functions get none
+        layers = [
+            LayerSpec(Embed),
+            LayerSpec(Block, widths[0]),
+            LayerSpec(nn.GELU),
+            LayerSpec(Block, widths[1]),
+            _halve,
+            LayerSpec(Block, widths[2]),
+            nn.Dropout(0.0),
+            LayerSpec(Block, widths[3]),
+            LayerSpec(nn.Tanh),
+            LayerSpec(Head),
         ]
     else:
         layers = [LayerSpec(Embed), *[LayerSpec(Block, w) for w in widths], LayerSpec(Head)]

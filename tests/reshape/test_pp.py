@@ -38,6 +38,11 @@ UNIFORM_PAIRS = [("pp2", 2, 1)]
 TP_PAIRS = [("tp2pp1", 1, 2), ("tp1pp2", 2, 1)]
 
 
+# layer lists mixing parameter-free modules (GELU, Dropout, Tanh), a plain function and layers
+# with parameters; stock DeepSpeed writes and expects a layer file for every module
+ACT_PAIRS = [("act2", 1, 2), ("act1dp2", 2, 1)]
+
+
 def _label(src: str, pp: int, dp: int) -> str:
     return f"{src}->pp{pp}dp{dp}"
 
@@ -50,6 +55,7 @@ def _convert(
     tp: int = 0,
     partition: str = "parameters",
     num_stages: bool = False,
+    acts: bool = False,
 ) -> tuple[str, str, PPSpec, str]:
     """Convert; ``tp=0`` is the plain model at tp 1, ``tp >= 1`` the tensor-parallel one."""
     src = root / "src" / src_name
@@ -58,7 +64,7 @@ def _convert(
         label += f"-{partition}"
     dst = root / "out" / label.replace(">", "")
     convert_checkpoint(src, dst, tp=max(tp, 1), pp=pp, dp=dp, pp_partition=partition)
-    spec = PPSpec(src_name, pp, tp=tp, partition=partition, num_stages=num_stages)
+    spec = PPSpec(src_name, pp, tp=tp, partition=partition, num_stages=num_stages, acts=acts)
     return (label, str(dst), spec, str(src / "expected.pt"))
 
 
@@ -77,6 +83,8 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             PPSpec("tp1pp2", 2, tp=1),
             PPSpec("ns2", 2, num_stages=True),
             PPSpec("tied2", 2, tied=True),
+            PPSpec("act2", 2, acts=True),
+            PPSpec("act1dp2", 1, acts=True),
         ],
         timeout=300,
     )[0]
@@ -90,6 +98,7 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     jobs2 = [_convert(root, s, pp, dp) for s, pp, dp in PAIRS if pp * dp == 2]
     jobs2 += [_convert(root, s, pp, tp=tp) for s, tp, pp in TP_PAIRS]
     jobs2 += [_convert(root, s, pp, dp, partition="uniform") for s, pp, dp in UNIFORM_PAIRS]
+    jobs2 += [_convert(root, s, pp, dp, acts=True) for s, pp, dp in ACT_PAIRS]
     res2 = run_distributed(load_worker, 2, jobs2, timeout=300)[0]
     return {"root": root, "parts": {**parts, **p1, **p3}, "results": {**res1, **res3, **res2}}
 
@@ -108,6 +117,18 @@ def test_pp_reshape_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[str, in
 @pytest.mark.parametrize("pair", TP_PAIRS, ids=lambda p: f"{p[0]}->tp{p[1]}pp{p[2]}")
 def test_tp_pp_swap_loads_bit_exact(pp_grid: dict[str, Any], pair: tuple[str, int, int]) -> None:
     assert pp_grid["results"][f"{pair[0]}->tp{pair[1]}pp{pair[2]}"] == []
+
+
+@pytest.mark.parametrize("pair", ACT_PAIRS, ids=lambda p: _label(*p))
+def test_parameter_free_layers_load_bit_exact(
+    pp_grid: dict[str, Any], pair: tuple[str, int, int]
+) -> None:
+    """Every layer file stock DeepSpeed expects at the target is written, empty ones included."""
+    assert pp_grid["results"][_label(*pair)] == []
+    out = pp_grid["root"] / "out" / _label(*pair).replace(">", "")
+    names = {p.name for p in out.glob("*/layer_*")}
+    assert {"layer_02-model_00-model_states.pt", "layer_06-model_00-model_states.pt"} <= names
+    assert "layer_04-model_00-model_states.pt" not in names  # the plain function
 
 
 @pytest.mark.parametrize("pair", UNIFORM_PAIRS, ids=lambda p: _label(*p) + "-uniform")
