@@ -39,7 +39,7 @@ from lightning_reshape.checkpoint.manifest import (
     Piece,
     TensorEntry,
 )
-from lightning_reshape.checkpoint.reader import TPRule
+from lightning_reshape.checkpoint.reader import TIED_PREFIX, TPRule
 from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, read_sidecar
 from lightning_reshape.checkpoint.zero_layout import (
     DEFAULT_SUB_GROUP_SIZE,
@@ -542,9 +542,11 @@ def build_plan(
         for g, names in enumerate(meta.param_shapes[stage * src.tp]):
             names = undo_round_robin(names, src.dp) if rr else tuple(names)
             if g < len(groups):
-                groups[g] += names
+                # a TiedLayerSpec module is held by every stage using it: listed once
+                groups[g] += tuple(n for n in names if n not in groups[g])
             else:
                 groups.append(names)
+    ties = (manifest.extra.get("pipeline_layers") or {}).get("ties") or {}
     stages = _target_stages(manifest, target, groups, splits) if pipeline else None
     optim_keys: dict[str, list[str]] = {}
     for e in manifest.entries(ROLE_OPTIM):
@@ -596,7 +598,7 @@ def build_plan(
         src_stage = 0
         if stages is not None:
             lo, hi = stages[stage], stages[stage + 1]
-            stage_groups = [tuple(n for n in g if lo <= _layer_of(n) < hi) for g in groups]
+            stage_groups = [_stage_names(g, lo, hi, ties) for g in groups]
             first = next((g[0] for g in stage_groups if g), None)
             if first is None:
                 raise LayoutError(
@@ -724,7 +726,7 @@ def build_plan(
                 files += _layer_files(manifest, res, local_shape, lo, hi, mp)
             stage_buffers = None
             if stages is not None:
-                stage_buffers = [n for n in buffers if lo <= _layer_of(n) < hi]
+                stage_buffers = [n for n in buffers if _in_stage(n, lo, hi, ties)]
             files.append(
                 _model_file(
                     f"mp_rank_{out_mp:02d}_model_states.pt",
@@ -871,6 +873,36 @@ def _layer_of(name: str) -> int:
     return int(head)
 
 
+def _layers_of(name: str, ties: Mapping[str, Any]) -> tuple[int, ...]:
+    """The pipeline layers using a parameter: its own, or every use of its tied module."""
+    if name.startswith(TIED_PREFIX):
+        key = name[len(TIED_PREFIX) :].split(".", 1)[0]
+        if key not in ties:
+            raise CheckpointError(
+                f"{name}: a TiedLayerSpec parameter whose uses are not recorded; only checkpoints "
+                "with our sidecar's pipeline record (ReshapeDeepSpeedStrategy) can move it"
+            )
+        return tuple(ties[key]["layers"])
+    return (_layer_of(name),)
+
+
+def _in_stage(name: str, lo: int, hi: int, ties: Mapping[str, Any]) -> bool:
+    return any(lo <= x < hi for x in _layers_of(name, ties))
+
+
+def _stage_names(
+    names: Sequence[str], lo: int, hi: int, ties: Mapping[str, Any]
+) -> tuple[str, ...]:
+    """A stage's parameters of one group in PipelineModule's order: its tied modules first
+    (registered before the layers, in the order of their first use in the stage), then its
+    layers' parameters in layer order."""
+    mine = [n for n in names if _in_stage(n, lo, hi, ties)]
+    tied = [n for n in mine if n.startswith(TIED_PREFIX)]
+    first_use = {n: min(x for x in _layers_of(n, ties) if lo <= x < hi) for n in tied}
+    tied.sort(key=lambda n: first_use[n])  # stable: a module's own order is kept
+    return (*tied, *(n for n in mine if not n.startswith(TIED_PREFIX)))
+
+
 def _target_stages(
     manifest: Manifest,
     target: Target,
@@ -884,6 +916,8 @@ def _target_stages(
     last layer file are known only from our sidecar (its layer count)."""
     layers = {p.layer for e in manifest.tensors for p in e.pieces if p.layer is not None}
     known = manifest.extra.get("pipeline_layers") or {}
+    ties = known.get("ties") or {}
+    layers.update(x for t in ties.values() for x in t["layers"])
     layers.update(known.get("module_layers", ()))
     if not layers:
         raise CheckpointError(f"{manifest.root}: a pipeline checkpoint without layer files")
@@ -891,7 +925,9 @@ def _target_stages(
     shapes = {e.name: e.shape for e in manifest.entries(ROLE_FP32)}
     for names in groups:
         for n in names:
-            counts[_layer_of(n)] += math.prod(_local_shape(shapes[n], splits.get(n), target.tp))
+            numel = math.prod(_local_shape(shapes[n], splits.get(n), target.tp))
+            for layer in _layers_of(n, ties):  # DeepSpeed counts a tied module at every use
+                counts[layer] += numel
     if target.pp > len(counts):
         raise LayoutError(
             f"target pp={target.pp} exceeds the {len(counts)} pipeline layers of "
@@ -919,19 +955,23 @@ def _layer_files(
     """The pipeline layer files ``lo..hi-1`` of one tp rank: each a plain state dict of the
     layer (weights as stored, buffers), keyed by global layer index, so only the owner moves."""
     by_layer: dict[int, list[TensorFill]] = {}
+    known = manifest.extra.get("pipeline_layers") or {}
+    ties = known.get("ties") or {}
     for e in manifest.tensors:
         if e.role not in (ROLE_PARAM, ROLE_BUFFER) or not e.pieces:
             continue
-        layer = e.pieces[0].layer
-        if layer is None or not lo <= layer < hi:
-            continue
+        layers: tuple[int, ...] = (e.pieces[0].layer,) if e.pieces[0].layer is not None else ()
+        if e.name.startswith(TIED_PREFIX):
+            # a tied module is saved in the file of each of its uses without a forward_fn
+            tie = ties[e.name[len(TIED_PREFIX) :].split(".", 1)[0]]
+            layers = tuple(tie["module_layers"])
         key = e.pieces[0].key
         shape = local_shape(e)
-        copies = res.copies(e, tp_rank, 0, math.prod(shape), 0)
-        by_layer.setdefault(layer, []).append(TensorFill(key, e.dtype, shape, tuple(copies)))
+        for layer in (x for x in layers if lo <= x < hi):
+            copies = res.copies(e, tp_rank, 0, math.prod(shape), 0)
+            by_layer.setdefault(layer, []).append(TensorFill(key, e.dtype, shape, tuple(copies)))
     # Modules without parameters or buffers (activations, dropout) still have a layer file,
     # an empty state dict, which DeepSpeed's load_state_dir requires.
-    known = manifest.extra.get("pipeline_layers") or {}
     for layer in known.get("module_layers", ()):
         if lo <= layer < hi:
             by_layer.setdefault(layer, [])

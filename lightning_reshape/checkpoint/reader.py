@@ -52,6 +52,8 @@ Z3_MODEL_RE = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 # layer_XX-model_YY-model_states.pt; "-model_YY" is absent when the pipeline topology has no
 # model-parallel axis (``PipelineModule(num_stages=N)``): then tp is 1
+# parameters of pipeline TiedLayerSpec modules: tied_modules.<key>.<name in the module>
+TIED_PREFIX = "tied_modules."
 LAYER_RE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 EXPERT_RE = re.compile(r"^(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt$|^expp_rank_")
 TAG_HINT = re.compile(r"^global_step(\d+)$")
@@ -522,6 +524,11 @@ class _Builder:
         self.refs: list[StateRef] = []
         self.aliases: dict[str, str] = {}
         self.next_layer = 0  # pipeline ZeRO 0: first layer not yet given to a stage
+        # pipeline TiedLayerSpec keys -> {"layers", "module_layers"} (our sidecar), the source
+        # stage boundaries, and which stage recorded each tied tensor first (its copy is kept)
+        self.ties: dict[str, dict[str, list[int]]] = {}
+        self.src_parts: list[int] = []
+        self.tie_owner: dict[tuple[str, str, str | None], int | None] = {}
 
     def path(self, file: str) -> str:
         return os.path.join(self.tag_dir, file)
@@ -535,6 +542,12 @@ class _Builder:
         dtype: Any,
     ) -> None:
         key = (name, role, state_key)
+        if name.startswith(TIED_PREFIX):
+            # every stage using a tied module holds an identical copy (DeepSpeed all-reduces
+            # tied gradients over the stages); keep the first stage's
+            owner = self.tie_owner.setdefault(key, piece.pp_stage)
+            if piece.pp_stage != owner:
+                return
         if key not in self.pieces:
             self.pieces[key] = {}
             self.local_shapes[key] = {}
@@ -691,6 +704,10 @@ def _build(b: _Builder) -> Manifest:
             + " (a shard is missing or files from different saves are mixed)"
         )
     sidecar = read_sidecar(b.tag_dir)
+    record = (sidecar.extra.get("pipeline") if sidecar is not None else None) or {}
+    if pipeline and record.get("ties") and record.get("parts"):
+        b.ties = {str(k): dict(v) for k, v in record["ties"].items()}
+        b.src_parts = [int(x) for x in record["parts"]]
     if sidecar is not None:
         mism = [
             f"{k}: sidecar {a} vs deepspeed {c}"
@@ -769,7 +786,7 @@ def _build(b: _Builder) -> Manifest:
         for alias, source in shared.items():
             b.aliases.setdefault(alias, source)
         param_shapes = sd.get("param_shapes")
-        if pipeline:
+        if pipeline and not b.ties:
             _refuse_tied_modules(b, main_files[mp], param_shapes)
         frozen_shapes = sd.get("frozen_param_shapes") or {}
         b.frozen.update(frozen_shapes)
@@ -864,7 +881,11 @@ def _pipeline_layers(f: _Files, sidecar: Sidecar | None) -> dict[str, Any]:
     modules.update(int(x) for x in record.get("module_layers", ()))
     count = max(modules) + 1 if modules else 0
     count = max(count, int(record.get("num_layers", 0) or 0))
-    return {"module_layers": tuple(sorted(modules)), "num_layers": count}
+    ties = {
+        str(k): {"layers": tuple(v.get("layers", ())), "module_layers": tuple(v["module_layers"])}
+        for k, v in (record.get("ties") or {}).items()
+    }
+    return {"module_layers": tuple(sorted(modules)), "num_layers": count, "ties": ties}
 
 
 def _refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
@@ -876,7 +897,8 @@ def _refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
         raise CheckpointError(
             f"{b.path(file)}: pipeline parameters {tied[:3]} belong to TiedLayerSpec modules; "
             "the checkpoint does not record which stages use a tied module, so it cannot be "
-            "reshaped (pipeline models without tied layers can)"
+            "reshaped (pipeline models without tied layers can; checkpoints saved by "
+            "ReshapeDeepSpeedStrategy record the ties in their sidecar)"
         )
 
 
@@ -933,10 +955,11 @@ def _module_params(
             )
         lfile = b.files.layers[(layer, tp_rank)]
         lsd = b.load(lfile)
+        tie = next((k for k, t in b.ties.items() if layer in t.get("module_layers", ())), None)
         for local, tensor in lsd.items():
             if not is_tensor(tensor):
                 continue
-            name = f"{layer}.{local}"
+            name = f"{layer}.{local}" if tie is None else f"{TIED_PREFIX}{tie}.{local}"
             if name in buffers:
                 _whole(
                     b, name, ROLE_BUFFER, None, lfile, (local,), tensor, tp_rank, pp_stage, layer
@@ -952,7 +975,14 @@ def _stage_layers(
     """Which pipeline layers a stage holds, from its param_shapes / buffers / optimizer."""
     owned: set[int] = set()
     for group in sd.get("param_shapes") or []:
-        owned.update(int(n.split(".", 1)[0]) for n in group)
+        owned.update(int(n.split(".", 1)[0]) for n in group if not n.startswith(TIED_PREFIX))
+        tied = {n.split(".", 2)[1] for n in group if n.startswith(TIED_PREFIX)}
+        if tied and owned:
+            # the tie's module layers inside this stage's range (our sidecar's record)
+            stage = next(i for i in range(len(b.src_parts) - 1) if b.src_parts[i + 1] > min(owned))
+            lo, hi = b.src_parts[stage], b.src_parts[stage + 1]
+            for key in tied:
+                owned.update(x for x in b.ties[key].get("module_layers", ()) if lo <= x < hi)
     owned.update(int(n.split(".", 1)[0]) for n in buffer_names if n.split(".", 1)[0].isdigit())
     opt = sd.get("optimizer")
     if not owned and not opt:

@@ -19,6 +19,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 
 from lightning_reshape.errors import TopologyError
+from lightning_reshape.lightning.pipeline import (
+    PipelineLayers,
+    PipelineLightningModule,
+    pipeline_step,
+)
 
 
 def markov_tokens(num_sequences: int, length: int, vocab_size: int, seed: int) -> torch.Tensor:
@@ -167,3 +172,65 @@ class TinyGPTModule(pl.LightningModule):
                 f"model.optimizer={self.hparams.optimizer!r}; choose one of {', '.join(kinds)}"
             )
         return kinds[self.hparams.optimizer](self.parameters(), lr=self.hparams.lr)
+
+
+class PipelineGPTModule(PipelineLightningModule):
+    """The same tiny GPT as DeepSpeed pipeline layers (untied head), trained by the pipeline
+    engine at any (tp, pp, dp): ``model=pipeline_gpt parallel=tp2_pp2`` in the example."""
+
+    def __init__(
+        self,
+        vocab_size: int = 128,
+        hidden_size: int = 64,
+        num_layers: int = 2,
+        num_heads: int = 4,
+        seq_len: int = 32,
+        lr: float = 3e-3,
+        optimizer: str = "adamw",
+        seed: int = 0,
+        log_every_n_steps: int = 5,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.losses: list[tuple[int, float]] = []
+
+    def configure_pipeline(self) -> PipelineLayers:
+        from lightning_reshape.nn.gpt import GPTConfig, VocabParallelLoss, gpt_pipeline_layers
+
+        h = self.hparams
+        state = getattr(self.trainer.strategy, "parallel_state", None)
+        if state is None:
+            raise TopologyError(
+                "PipelineGPTModule needs lightning-reshape's strategy; train it with "
+                "strategy=deepspeed_reshape_stage_1 (or ReshapeDeepSpeedStrategy(stage=1))."
+            )
+        config = GPTConfig(
+            vocab_size=h.vocab_size,
+            hidden=h.hidden_size,
+            layers=h.num_layers,
+            heads=h.num_heads,
+            seq_len=h.seq_len,
+            tie_embeddings=False,
+            seed=h.seed,
+        )
+        return PipelineLayers(
+            gpt_pipeline_layers(config, state),
+            VocabParallelLoss(state),
+            split_batch=_next_token_pair,
+        )
+
+    def training_step(self, tokens: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = pipeline_step(self, tokens)  # the same on every rank: dp-averaged
+        step = self.global_step + 1
+        self.losses.append((step, float(loss)))
+        every = self.hparams.log_every_n_steps
+        if every and step % every == 0:
+            rank_zero_info(f"step {step:>4}  loss {float(loss):.4f}")
+        self.log("train_loss", loss, prog_bar=True, rank_zero_only=True)
+        return loss
+
+    configure_optimizers = TinyGPTModule.configure_optimizers
+
+
+def _next_token_pair(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return tokens[:, :-1], tokens[:, 1:]

@@ -498,13 +498,25 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
     def _pipeline_record(self) -> dict[str, Any]:
         """What a stock pipeline checkpoint does not say: how many layers, which are modules
         (they have a layer file, even without parameters), where the stages cut."""
+        from deepspeed.pipe import TiedLayerSpec
+
         pipe = self.pipeline
         specs = list(pipe._layer_specs)
+        # TiedLayerSpec: every layer using a key holds (and optimizes) the tied module; a stock
+        # checkpoint does not say which layers those are
+        ties: dict[str, dict[str, list[int]]] = {}
+        for i, spec in enumerate(specs):
+            if isinstance(spec, TiedLayerSpec):
+                tie = ties.setdefault(spec.key, {"layers": [], "module_layers": []})
+                tie["layers"].append(i)
+                if spec.forward_fn is None:
+                    tie["module_layers"].append(i)
         return {
             "num_layers": len(specs),
             "module_layers": [i for i, s in enumerate(specs) if _is_module_layer(s)],
             "parts": [int(x) for x in pipe.parts],
             "partition_method": self.partition_method,
+            "ties": ties,
         }
 
     # ---------------------------------------------------------------- load

@@ -163,3 +163,75 @@ class TinyGPT(nn.Module):
 
     def loss(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(self(ids), targets, self.group).mean()
+
+
+# ---------------------------------------------------------------------- pipeline form
+class GPTEmbedding(nn.Module):
+    """Token + position embeddings: the first layer of the pipeline GPT."""
+
+    def __init__(self, config: GPTConfig, group: GroupLike) -> None:
+        super().__init__()
+        group = tp_group_of(group)
+        self.embed = VocabParallelEmbedding(
+            config.vocab_size, config.hidden, group, seed=config.seed, dtype=config.dtype
+        )
+        self.pos = nn.Parameter(torch.empty(config.seq_len, config.hidden, dtype=config.dtype))
+        normal_init()(self.pos.data, torch.Generator().manual_seed(config.seed + 1))
+        set_partition_attributes(self.pos, False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids) + self.pos[: ids.shape[1]]
+
+
+class GPTBlock(TransformerBlock):
+    """A transformer block as a pipeline layer, seeded as ``TinyGPT``'s block ``index``."""
+
+    def __init__(self, config: GPTConfig, group: GroupLike, index: int) -> None:
+        super().__init__(config, tp_group_of(group), config.seed + 100 * (index + 1))
+
+
+class GPTFinalNorm(nn.LayerNorm):
+    """The final layer norm (replicated over tp)."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config.hidden, dtype=config.dtype)
+        for p in self.parameters():
+            set_partition_attributes(p, False)
+
+
+class GPTHead(nn.Module):
+    """Vocabulary-parallel output projection (untied): this rank's slice of the logits."""
+
+    def __init__(self, config: GPTConfig, group: GroupLike) -> None:
+        super().__init__()
+        self.group = tp_group_of(group)
+        self.proj = ColumnParallelLinear(
+            config.hidden, config.vocab_size, self.group, bias=False, seed=config.seed + 2
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class VocabParallelLoss:
+    """``loss_fn(logits, targets)`` of the pipeline: mean cross-entropy over the whole
+    vocabulary from this rank's logits slice."""
+
+    def __init__(self, group: GroupLike) -> None:
+        self.group = tp_group_of(group)
+
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits, targets, self.group).mean()
+
+
+def gpt_pipeline_layers(config: GPTConfig, group: GroupLike) -> list:
+    """The GPT as DeepSpeed ``LayerSpec``s (built only on the stage that holds each layer):
+    embeddings, ``config.layers`` blocks, final norm, head. The head is untied."""
+    from deepspeed.pipe import LayerSpec
+
+    return [
+        LayerSpec(GPTEmbedding, config, group),
+        *[LayerSpec(GPTBlock, config, group, i) for i in range(config.layers)],
+        LayerSpec(GPTFinalNorm, config),
+        LayerSpec(GPTHead, config, group),
+    ]
