@@ -10,9 +10,12 @@ dp 2 with ``ReshapeDeepSpeedStrategy`` (an ~85M-parameter MLP), then times, each
 - the same change with ``AutoReshape(direct=True)`` (each rank fills its ZeRO partitions straight
   from the slices of the source it owns; no copy written);
 - DeepSpeed's own path for the same change: ``ds_to_universal`` (timed as a process) plus a
-  ``load_universal`` resume at dp 1.
+  ``load_universal`` resume at dp 1;
+- the pipeline engine (the same layers as a ``PipelineLightningModule``, 2 ranks): pp 2 -> pp 1
+  x dp 2 and pp 1 x dp 2 -> pp 2, each beside the unchanged resume at its target layout.
 
     python benchmarks/lightning_resume.py [--workdir /tmp/lightning_reshape_bench_lightning]
+                                          [--rows dp,pp]
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ def _worker(spec: dict[str, Any]) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from lightning_reshape.lightning import AutoReshape, ReshapeDeepSpeedStrategy
+    from lightning_reshape.lightning import (
+        AutoReshape,
+        PipelineLayers,
+        PipelineLightningModule,
+        ReshapeDeepSpeedStrategy,
+        pipeline_step,
+    )
 
     class Plain(ReshapeDeepSpeedStrategy):
         """DeepSpeed's own load (Lightning's DeepSpeedStrategy behaviour, on CPU)."""
@@ -75,6 +84,26 @@ def _worker(spec: dict[str, Any]) -> None:
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
+    class PipeMLP(PipelineLightningModule):
+        """The same layers as a pipeline (DeepSpeed's PipelineEngine at any pp)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first_step_at: float | None = None
+
+        def configure_pipeline(self) -> PipelineLayers:
+            torch.manual_seed(0)
+            layers = [torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS)]
+            return PipelineLayers(layers, _square_loss, split_batch=_self_pair)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            if self.first_step_at is None:
+                self.first_step_at = time.perf_counter()
+            return pipeline_step(self, batch)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-4)
+
     config: dict[str, Any] = {
         "zero_optimization": {"stage": 1},
         "zero_allow_untested_optimizer": True,
@@ -83,7 +112,8 @@ def _worker(spec: dict[str, Any]) -> None:
     if spec.get("universal"):
         config["checkpoint"] = {"load_universal": True}
     cls = Plain if spec.get("plain") else Timed
-    strategy = cls(config=config)
+    pipe = spec.get("pp") is not None
+    strategy = cls(config=config, parallel={"pp": int(spec["pp"])} if pipe else None)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=int(spec["devices"]),
@@ -95,7 +125,7 @@ def _worker(spec: dict[str, Any]) -> None:
         enable_checkpointing=False,
         callbacks=[AutoReshape(direct=True)] if spec.get("direct") else None,
     )
-    module = MLP()
+    module: Any = PipeMLP() if pipe else MLP()
     loader = DataLoader(torch.randn(64, HIDDEN), batch_size=2)
     start = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=spec.get("resume"))
@@ -110,6 +140,14 @@ def _worker(spec: dict[str, Any]) -> None:
             "reshape": None if report is None or not report.reshaped else report.seconds,
         }
         Path(spec["out"]).write_text(json.dumps(result))
+
+
+def _square_loss(out: Any, labels: Any) -> Any:
+    return out.pow(2).mean()
+
+
+def _self_pair(batch: Any) -> tuple[Any, Any]:
+    return batch, batch
 
 
 def _port() -> int:
@@ -138,9 +176,70 @@ def _size(path: Path) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/lightning_reshape_bench_lightning")
+    parser.add_argument(
+        "--rows",
+        default="dp,pp",
+        help="which changes to time: dp (ZeRO dp changes, direct, universal), pp (pipeline "
+        "engine pp 2 <-> 1 on 2 ranks), or both",
+    )
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    kinds = {k.strip() for k in args.rows.split(",")}
+    if not kinds <= {"dp", "pp"}:
+        parser.error(f"--rows {args.rows!r}: choose dp, pp or dp,pp")
+    if "dp" in kinds:
+        _dp_rows(work)
+    if "pp" in kinds:
+        _pp_rows(work)
+
+
+def _timed(work: Path, rows: list, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    out = work / f"{name.replace(' ', '_').replace('>', '')}.json"
+    wall = _run({**spec, "steps": 2, "out": str(out)})
+    result = json.loads(out.read_text())
+    rows.append((name, wall, result))
+    return result
+
+
+def _pp_rows(work: Path) -> None:
+    """Pipeline engine on 2 ranks: pp 2 x dp 1 <-> pp 1 x dp 2, beside the unchanged resumes."""
+    ckpts = {pp: work / f"pp{pp}.ckpt" for pp in (1, 2)}
+    for pp, ckpt in ckpts.items():
+        if not (ckpt / "latest").is_file():
+            shutil.rmtree(ckpt, ignore_errors=True)
+            _run({"devices": 2, "pp": pp, "steps": 1, "save": str(ckpt)})
+        for old in ckpt.glob("reshaped-*"):
+            shutil.rmtree(old)
+        size = _size(ckpt / "checkpoint")
+        print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, pipeline engine, ZeRO 1, pp {pp}")
+    rows: list[tuple[str, float, dict[str, Any]]] = []
+    same2 = _timed(
+        work, rows, "pp 2 -> pp 2 (no change)", {"devices": 2, "pp": 2, "resume": str(ckpts[2])}
+    )
+    down = _timed(
+        work, rows, "pp 2 -> pp 1 dp 2 (reshape)", {"devices": 2, "pp": 1, "resume": str(ckpts[2])}
+    )
+    same1 = _timed(
+        work, rows, "pp 1 -> pp 1 (no change)", {"devices": 2, "pp": 1, "resume": str(ckpts[1])}
+    )
+    up = _timed(
+        work, rows, "pp 1 dp 2 -> pp 2 (reshape)", {"devices": 2, "pp": 2, "resume": str(ckpts[1])}
+    )
+    print(f"{'run':<34} {'fit->1st step s':>16} {'load s':>8} {'process s':>10}")
+    for name, wall, r in rows:
+        load = r["load_checkpoint"]
+        print(f"{name:<34} {r['fit_to_first_step']:>16.2f} {load or 0:>8.2f} {wall:>10.2f}")
+    for name, r, base in (("pp 2 -> 1", down, same1), ("pp 1 -> 2", up, same2)):
+        print(
+            f"{name}: fit->first step {r['fit_to_first_step'] / base['fit_to_first_step']:.2f}x "
+            f"the unchanged resume at the target layout (target <= 1.5x); load_checkpoint "
+            f"{r['load_checkpoint'] / base['load_checkpoint']:.2f}x (reshape {r['reshape']:.2f} s)"
+        )
+
+
+def _dp_rows(work: Path) -> None:
+    """ZeRO-1 dp changes (copy, direct) and DeepSpeed's universal path."""
     ckpts = {dp: work / f"dp{dp}.ckpt" for dp in (1, 2)}
     for dp, ckpt in ckpts.items():
         if not (ckpt / "latest").is_file():
