@@ -19,9 +19,11 @@ import io
 import json
 import os
 import resource
+import struct
 import subprocess
 import sys
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,6 +64,23 @@ def _hashes(root: Path) -> dict[str, str]:
         if p.is_file() and not p.name.endswith(".lock") and p.name != COMPLETE_MARKER:
             out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def flip_tensor_byte(path: Path) -> int:
+    """Flip an exponent bit of one fp32 value in the middle of the largest tensor record of a
+    torch zip file (a silent, large change of one number); returns the byte offset."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        start = info.header_offset + 30 + name_len + extra_len
+        at = start + (info.file_size // 2) // 4 * 4 + 3  # little-endian: sign and exponent
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 0x40]))
+    return at
 
 
 def _convert(src: Path, dst: Path, *extra: str) -> list[str]:
@@ -129,9 +148,7 @@ def test_damaged_output_is_redone(
     model = dst / tag / "mp_rank_00_model_states.pt"
     model_mtime = model.stat().st_mtime_ns
     if damage == "flip":
-        data = bytearray(shard.read_bytes())
-        data[len(data) - 100] ^= 0x01  # inside the last tensor's bytes (fp32 master / exp_avg_sq)
-        shard.write_bytes(bytes(data))
+        flip_tensor_byte(shard)
     elif damage == "truncate":
         os.truncate(shard, shard.stat().st_size - 4096)
     elif damage == "delete":
