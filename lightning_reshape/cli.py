@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -262,7 +263,11 @@ def console_main() -> None:
     collection of their globals) takes most of a second, longer than reshaping a small
     checkpoint. Everything we write is fsynced and renamed into place before ``main``
     returns, so skipping the teardown loses nothing; output streams are flushed first.
+    SIGXFSZ is ignored so that exceeding ``ulimit -f`` is an EFBIG error (one line, exit 2,
+    partial output removed) rather than a kill that leaves the partial folder behind.
     """
+    if hasattr(signal, "SIGXFSZ"):  # a file-size limit becomes EFBIG, one error line, not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     code = main()
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -9,17 +9,22 @@ folder) that stock ``engine.load_checkpoint(dst)`` loads, optimizer states inclu
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from lightning_reshape.checkpoint.execute import (
+    check_output,
+    discard_partial,
     execute_plan,
     finalize_output,
+    lock_output,
     prepare_output,
     write_plan,
 )
 from lightning_reshape.checkpoint.plan import Plan, Target, build_plan, read_source_meta
 from lightning_reshape.checkpoint.reader import TPRule, read_manifest
+from lightning_reshape.errors import CheckpointError
 
 __all__ = [
     "convert_checkpoint",
@@ -27,6 +32,10 @@ __all__ = [
     "execute_plan",
     "prepare_output",
     "finalize_output",
+    "lock_output",
+    "discard_partial",
+    "check_output",
+    "check_destination",
 ]
 
 
@@ -71,7 +80,12 @@ def convert_checkpoint(
     "uniform" or boundaries "0,3,6"). The tag is the source's unless ``tag`` is given;
     ``dst/latest`` points at it (unless ``dst`` is the source's own save dir, whose ``latest`` is
     left alone). Returns the tag folder.
+
+    Refused (CheckpointError, before anything is written): a destination that is an existing
+    file or lies under one, and a destination inside the source tree (the path given as ``src``
+    or the source's tag folder): writing there would change what the source resolves to.
     """
+    check_destination(dst)
     plan = plan_conversion(
         src,
         tp=tp,
@@ -83,7 +97,38 @@ def convert_checkpoint(
         pp_partition=pp_partition,
     )
     out_tag = tag or plan.source_tag
+    check_destination(dst, source=(src, plan.source_root))
     src_save_dir = Path(plan.source_root).parent.resolve()
     latest = Path(dst).resolve() != src_save_dir
-    Path(dst).mkdir(parents=True, exist_ok=True)
     return write_plan(plan, dst, out_tag, workers=workers, progress=progress, latest=latest)
+
+
+def check_destination(
+    dst: str | os.PathLike[str], *, source: Sequence[str | os.PathLike[str]] = ()
+) -> None:
+    """Refuse an output folder that cannot be one: an existing file, a path under a file, or a
+    path inside any of the ``source`` folders (the original is read-only to us)."""
+    path = Path(dst)
+    for ancestor in [path, *path.parents]:
+        try:
+            st = os.stat(ancestor)
+        except (FileNotFoundError, NotADirectoryError):  # not there yet, or under a file
+            continue
+        except OSError as exc:
+            raise CheckpointError(
+                f"{dst}: cannot use as the output folder: {ancestor}: {exc.strerror}"
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):
+            what = "is an existing file" if ancestor == path else f"lies under the file {ancestor}"
+            raise CheckpointError(
+                f"{dst}: {what}, not a folder; give a folder (new or existing) for the output"
+            )
+        break
+    resolved = path.resolve()
+    for root in source:
+        tree = Path(root).resolve()
+        if resolved == tree or tree in resolved.parents:
+            raise CheckpointError(
+                f"{dst}: lies inside the source checkpoint {tree}; the source is never "
+                "modified: write the reshaped copy outside it"
+            )

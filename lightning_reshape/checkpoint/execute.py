@@ -9,33 +9,44 @@ the size of the checkpoint. Source files are only ever opened read-only. Adjacen
 into one copy, and write-back of copied blocks starts at once, so the closing fsync overlaps the
 copy (measured: the library call costs about one durable ``cat`` of the same bytes).
 
-Output protocol: files go into a partial folder beside the destination (``.<tag>.partial``),
-each written as ``name.tmp`` then renamed; when all are there the folder is fsynced and renamed to
-``<tag>``, a completion marker is written and ``latest`` updated. An existing complete output with
-the same plan fingerprint is reused; an incomplete one is redone.
+Output protocol: one writer at a time per output (an exclusive lock file ``.<tag>.lock`` beside
+it, held by the process that prepares and finalizes; a second writer waits, then finds the
+first one's output complete and reuses it). Files go into a partial folder beside the
+destination (``.<tag>.partial``), each written as ``name.tmp``, fsynced, checksummed (CRC-32,
+kept in ``.name.sum``) and renamed; when all are there the completion record (every file with
+its size and CRC-32) is written into the folder, which is fsynced and renamed to ``<tag>``, so
+the output appears complete atomically or not at all; ``latest`` is updated last. An existing
+complete output of the same plan is reused only after every file's size and CRC-32 match its
+record; damaged files are redone. Any error while writing removes the partial folder (a kill
+leaves it, and the next run keeps its finished files).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
 from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.plan import Carry, Plan, SetValue, TargetFile, TensorFill
 from lightning_reshape.checkpoint.sidecar import write_sidecar
 from lightning_reshape.checkpoint.torchfile import Opaque, Size, TensorRef
-from lightning_reshape.errors import CheckpointError
+from lightning_reshape.errors import CheckpointError, ReshapeError
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -43,7 +54,12 @@ __all__ = [
     "plan_fingerprint",
     "partial_dir",
     "execute_plan",
+    "prepare_output",
     "finalize_output",
+    "discard_partial",
+    "lock_output",
+    "check_output",
+    "file_checksum",
     "write_plan",
 ]
 
@@ -100,6 +116,11 @@ def _set(obj: dict[Any, Any], key: tuple[Any, ...], value: Any) -> None:
     cur[key[-1]] = value
 
 
+# copy_file_range errors that mean "not here" (another file system, no support): fall back to
+# reads and writes. Anything else (ENOSPC, EFBIG, EIO, ...) is a real failure and propagates.
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
+
+
 def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: int) -> None:
     """Copy in the kernel; start write-back of each copied block so the final fsync overlaps
     the copy instead of following it (the kernel would otherwise wait for its dirty limits)."""
@@ -107,7 +128,9 @@ def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: in
         want = min(nbytes, WRITEBACK_BYTES or (1 << 30))
         try:
             done = os.copy_file_range(src_fd, dst_fd, want, src_off, dst_off)
-        except OSError:
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_FILE_RANGE:
+                raise
             done = 0
         if done <= 0:  # not supported here: plain reads and writes, one chunk at a time
             step = min(nbytes, CHUNK_BYTES)
@@ -255,6 +278,7 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
         os.fsync(fd)
     finally:
         os.close(fd)
+    _write_sum(folder, tf.name, *file_checksum(tmp))
     os.replace(tmp, folder / tf.name)
     return moved
 
@@ -430,7 +454,8 @@ def execute_plan(
     def run(tf: TargetFile) -> str:
         t0 = time.perf_counter()
         sources: dict[str, Any] = {}
-        moved = _write_file(plan, tf, folder, sources)
+        with output_errors(folder / tf.name):
+            moved = _write_file(plan, tf, folder, sources)
         sources.clear()
         if bar is not None:
             bar.update(tf.copy_bytes())
@@ -452,6 +477,132 @@ def execute_plan(
     return done
 
 
+# --------------------------------------------------------------------------------------------
+# checksums, resource errors, the lock
+
+
+def file_checksum(path: str | os.PathLike[str]) -> tuple[int, str]:
+    """(size, CRC-32 as 8 hex digits) of a file, read in chunks.
+
+    Why CRC-32 (zlib): the fastest checksum in the standard library (zlib releases the GIL, so
+    threads checksum files in parallel), it catches every error burst up to 32 bits and, with the
+    size, every truncation; damage here is accidental (disks, copies, people), not forged, so a
+    cryptographic hash would only cost time. The zip records inside a torch file use it too.
+    """
+    crc = size = 0
+    buf = bytearray(CHUNK_BYTES)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while n := fh.readinto(buf):
+            crc = zlib.crc32(view[:n], crc)
+            size += n
+    return size, f"{crc:08x}"
+
+
+def _sum_path(folder: Path, name: str) -> Path:
+    return folder / f".{name}.sum"
+
+
+def _write_sum(folder: Path, name: str, size: int, crc: str) -> None:
+    """The writer's checksum of a finished file, read back by whoever finalizes the output (so
+    every rank checksums only the files it wrote, while they are still in the page cache)."""
+    tmp = _sum_path(folder, name).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"size": size, "crc32": crc}))
+    os.replace(tmp, _sum_path(folder, name))
+
+
+def _read_sum(folder: Path, name: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(_sum_path(folder, name).read_text())
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) and {"size", "crc32"} <= set(value) else None
+
+
+_ERRNO_ADVICE = {
+    errno.ENOSPC: "no space left on the device; free space or choose another destination",
+    errno.EDQUOT: "disk quota exceeded; free space or choose another destination",
+    errno.EROFS: "read-only file system; choose a writable destination",
+    errno.EPERM: "operation not permitted; choose a destination you may write to",
+    errno.EACCES: "permission denied; choose a destination you may write to",
+    errno.EFBIG: "file too large (the file system's or the process's file-size limit, "
+    "`ulimit -f`); raise the limit or choose another destination",
+}
+
+
+@contextlib.contextmanager
+def output_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn an OSError while writing the output into one CheckpointError line naming the path
+    and the cause (disk full, read-only, file too large...) instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename if exc.filename is not None else os.fspath(path)
+        name = errno.errorcode.get(exc.errno or 0, "")
+        cause = _ERRNO_ADVICE.get(exc.errno or 0, f"{exc.strerror or exc}")
+        raise CheckpointError(
+            f"{where}: cannot write the reshaped output: {cause} ({name or type(exc).__name__})"
+        ) from None
+
+
+def lock_output(dst: str | os.PathLike[str], tag: str) -> FileLock:
+    """Take the exclusive lock of output ``dst/tag`` (waiting for another writer if needed).
+
+    Why a lock and not private folders: the ranks of one job write their shares into one
+    partial folder, so the folder cannot be private to a process; the lock is held by the
+    process that prepares and finalizes (rank 0), for the whole write. The kernel drops it when
+    its holder dies (kill -9 included), so it never goes stale. Release with ``.release()``.
+    """
+    dst = Path(dst)
+    with output_errors(dst):
+        dst.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(dst / f".{tag}.lock")
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log.warning("%s: another process is writing this output; waiting for it", dst / tag)
+            lock.acquire()
+    return lock
+
+
+def _record(final: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads((final / COMPLETE_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return None  # unreadable, or written before records held checksums
+    return record
+
+
+def check_output(
+    folder: str | os.PathLike[str], record: dict[str, Any], *, workers: int = 1
+) -> list[tuple[str, str]]:
+    """Compare every file of a completion record with the disk: [(file, what is wrong)].
+
+    Reads every byte once (CRC-32, ``workers`` files at a time); empty when all match."""
+    folder = Path(folder)
+
+    def one(item: tuple[str, Any]) -> tuple[str, str] | None:
+        name, want = item
+        path = folder / name
+        try:
+            size, crc = file_checksum(path)
+        except FileNotFoundError:
+            return name, "missing"
+        except OSError as exc:
+            return name, f"unreadable ({exc.strerror})"
+        if not isinstance(want, dict) or size != want.get("size"):
+            return name, f"{size} bytes, the record says {want.get('size')}"
+        if crc != want.get("crc32"):
+            return name, f"CRC-32 {crc}, the record says {want.get('crc32')}"
+        return None
+
+    items = sorted(record["files"].items())
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        return [r for r in pool.map(one, items) if r is not None]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -460,8 +611,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def prepare_output(plan: Plan, dst: str | os.PathLike[str], tag: str) -> tuple[Path, bool]:
-    """(partial folder to write into, already_complete). Refuses to overwrite foreign data."""
+def _reopen(final: Path, part: Path, damaged: list[str] | None) -> None:
+    """Turn a damaged complete output back into a partial folder, without its damaged files
+    (``None``: all of them), so that only those are written again."""
+    os.remove(final / COMPLETE_MARKER)  # first: from here on it is no longer complete
+    if part.exists():
+        shutil.rmtree(part)
+    os.rename(final, part)
+    for p in part.iterdir():
+        if p.name == PARTIAL_MARKER or p.name.startswith("."):
+            continue
+        if damaged is None or p.name in damaged:
+            p.unlink()
+            _sum_path(part, p.name).unlink(missing_ok=True)
+
+
+def _check_free_space(plan: Plan, part: Path) -> None:
+    """Refuse before writing when the planned tensor bytes (a lower bound of the output) do not
+    fit on the destination's file system."""
+    todo = [f for f in plan.files if not (part / f.name).exists()]
+    need = sum(f.copy_bytes() for f in todo) + 4096 * len(todo)  # + a block per file
+    free = shutil.disk_usage(part).free
+    if need > free:
+        raise CheckpointError(
+            f"{part.parent}: cannot write the reshaped output: it needs at least {need} bytes, "
+            f"{free} are free on that file system (ENOSPC); free space or choose another "
+            "destination"
+        )
+
+
+def prepare_output(
+    plan: Plan, dst: str | os.PathLike[str], tag: str, *, workers: int = 1
+) -> tuple[Path, bool]:
+    """(partial folder to write into, already_complete). Refuses to overwrite foreign data.
+
+    Call with the output's lock held (:func:`lock_output`). A complete output of the same plan
+    is checked against its record (size and CRC-32 of every file); damaged files are logged by
+    name and redone. Ends with a free-space check."""
     dst = Path(dst)
     final = dst / tag
     if Path(plan.source_root).resolve() == final.resolve():
@@ -469,39 +655,82 @@ def prepare_output(plan: Plan, dst: str | os.PathLike[str], tag: str) -> tuple[P
             f"{final}: is the source tag folder; write the reshaped copy under another tag or "
             "folder (the original is never modified)"
         )
-    marker = final / COMPLETE_MARKER
-    if marker.is_file():
-        try:
-            done = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError):
-            done = {}
-        if done.get("fingerprint") == plan_fingerprint(plan):
-            return final, True
-        raise CheckpointError(
-            f"{final}: holds a complete reshaped checkpoint of a different plan "
-            f"({done.get('target')}); choose another destination or remove it"
-        )
-    if final.exists():
-        if (final / PARTIAL_MARKER).is_file():
-            shutil.rmtree(final)  # ours, renamed but never marked complete: redo it
-        else:
-            raise CheckpointError(
-                f"{final}: already exists and is not a lightning-reshape output; choose another "
-                "destination or tag, or remove it"
-            )
-    part = partial_dir(dst, tag)
-    part.mkdir(parents=True, exist_ok=True)
-    stamp = part / PARTIAL_MARKER
     fp = plan_fingerprint(plan)
-    if stamp.is_file() and stamp.read_text().strip() != fp:
-        shutil.rmtree(part)  # an interrupted output of another plan
-        part.mkdir(parents=True)
-    stamp.write_text(fp + "\n")
+    part = partial_dir(dst, tag)
+    with output_errors(final):
+        marker = final / COMPLETE_MARKER
+        if marker.is_file():
+            record = _record(final)
+            ours = record is not None and record.get("fingerprint") == fp
+            if record is not None and not ours:
+                raise CheckpointError(
+                    f"{final}: holds a complete reshaped checkpoint of a different plan "
+                    f"({record.get('target')}); choose another destination or remove it"
+                )
+            if record is None:
+                try:
+                    ours = (final / PARTIAL_MARKER).read_text().strip() == fp
+                except OSError:
+                    ours = False
+                if not ours:
+                    raise CheckpointError(
+                        f"{marker}: unreadable completion record of an output that is not this "
+                        "plan's; choose another destination or remove it"
+                    )
+                log.warning(
+                    "%s: completion record unreadable or without checksums; writing it again",
+                    marker,
+                )
+                _reopen(final, part, None)
+            else:
+                damaged = check_output(final, record, workers=workers)
+                if not damaged:
+                    return final, True
+                log.warning(
+                    "%s: damaged reshaped output (%s); writing %d file(s) again",
+                    final,
+                    "; ".join(f"{name}: {why}" for name, why in damaged),
+                    len(damaged),
+                )
+                _reopen(final, part, [name for name, _ in damaged])
+        if final.exists():
+            if (final / PARTIAL_MARKER).is_file():
+                shutil.rmtree(final)  # ours, renamed but never marked complete: redo it
+            else:
+                raise CheckpointError(
+                    f"{final}: already exists and is not a lightning-reshape output; choose "
+                    "another destination or tag, or remove it"
+                )
+        part.mkdir(parents=True, exist_ok=True)
+        stamp = part / PARTIAL_MARKER
+        if stamp.is_file() and stamp.read_text().strip() != fp:
+            shutil.rmtree(part)  # an interrupted output of another plan
+            part.mkdir(parents=True)
+        stamp.write_text(fp + "\n")
+        try:
+            _check_free_space(plan, part)
+        except CheckpointError:
+            shutil.rmtree(part, ignore_errors=True)  # what it holds frees space too
+            raise
     return part, False
 
 
-def finalize_output(plan: Plan, dst: str | os.PathLike[str], tag: str, *, latest: bool) -> Path:
-    """Check every file is there, rename the partial folder into place, mark it complete."""
+def discard_partial(dst: str | os.PathLike[str], tag: str) -> None:
+    """Remove the partial folder after a failed write (it may hold most of a disk)."""
+    shutil.rmtree(partial_dir(dst, tag), ignore_errors=True)
+
+
+def _write_latest(dst: Path, tag: str) -> None:
+    tmp_latest = dst / ".latest.tmp"
+    tmp_latest.write_text(tag)
+    os.replace(tmp_latest, dst / "latest")
+
+
+def finalize_output(
+    plan: Plan, dst: str | os.PathLike[str], tag: str, *, latest: bool, workers: int = 1
+) -> Path:
+    """Check every file is there, write the completion record (every file with its size and
+    CRC-32) into the partial folder and rename it into place: complete atomically."""
     dst = Path(dst)
     part = partial_dir(dst, tag)
     final = dst / tag
@@ -511,26 +740,46 @@ def finalize_output(plan: Plan, dst: str | os.PathLike[str], tag: str, *, latest
             f"{part}: {len(missing)} planned files are missing (e.g. {missing[0]}); a rank did not "
             "finish its share: run the conversion again"
         )
-    if plan.sidecar is not None:
-        write_sidecar(part, plan.sidecar)
-    _fsync_dir(part)
-    os.replace(part, final)
-    _fsync_dir(dst)
-    info = {
-        "fingerprint": plan_fingerprint(plan),
-        "source": os.path.join(plan.source_root),
-        "source_layout": plan.source,
-        "target": str(plan.target),
-        "files": [f.name for f in plan.files],
-    }
-    tmp = final / f"{COMPLETE_MARKER}.tmp"
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, final / COMPLETE_MARKER)
-    if latest:
-        tmp_latest = dst / ".latest.tmp"
-        tmp_latest.write_text(tag)
-        os.replace(tmp_latest, dst / "latest")
-    _fsync_dir(final)
+    with output_errors(final):
+        if plan.sidecar is not None:
+            write_sidecar(part, plan.sidecar)
+        names = sorted(
+            p.name
+            for p in part.iterdir()
+            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp")
+        )
+
+        def entry(name: str) -> dict[str, Any]:
+            known = _read_sum(part, name)
+            if known is None:  # written by an older run, or not by the executor (the sidecar)
+                size, crc = file_checksum(part / name)
+                known = {"size": size, "crc32": crc}
+            return known
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            files = dict(zip(names, pool.map(entry, names), strict=True))
+        info = {
+            "fingerprint": plan_fingerprint(plan),
+            "source": os.path.join(plan.source_root),
+            "source_layout": plan.source,
+            "target": str(plan.target),
+            "checksum": "crc32",
+            "files": files,
+        }
+        for name in names:
+            _sum_path(part, name).unlink(missing_ok=True)
+        tmp = part / f"{COMPLETE_MARKER}.tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(info, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, part / COMPLETE_MARKER)
+        _fsync_dir(part)
+        os.replace(part, final)
+        _fsync_dir(dst)
+        if latest:
+            _write_latest(dst, tag)
+            _fsync_dir(dst)
     return final
 
 
@@ -543,12 +792,25 @@ def write_plan(
     progress: bool = False,
     latest: bool = True,
 ) -> Path:
-    """The whole protocol in one process: prepare, execute every file, finalize."""
-    part, complete = prepare_output(plan, dst, tag)
-    if complete:
-        log.info("%s: complete output of the same plan found, reused", part)
-        if latest:
-            (Path(dst) / "latest").write_text(tag)
-        return part
-    execute_plan(plan, part, workers=workers, progress=progress)
-    return finalize_output(plan, dst, tag, latest=latest)
+    """The whole protocol in one process: lock, prepare, execute every file, finalize.
+
+    A concurrent writer of the same output waits for the lock and then reuses the output; an
+    error while writing removes the partial folder."""
+    dst = Path(dst)
+    lock = lock_output(dst, tag)
+    try:
+        part, complete = prepare_output(plan, dst, tag, workers=workers)
+        if complete:
+            log.info("%s: complete output of the same plan found, checked, reused", part)
+            if latest:
+                with output_errors(dst / "latest"):
+                    _write_latest(dst, tag)
+            return part
+        try:
+            execute_plan(plan, part, workers=workers, progress=progress)
+            return finalize_output(plan, dst, tag, latest=latest, workers=workers)
+        except (ReshapeError, OSError):
+            discard_partial(dst, tag)
+            raise
+    finally:
+        lock.release()

@@ -648,7 +648,11 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
 
         Plan on every rank (metadata only), rank 0 prepares the partial folder, each rank
         executes ``plan.shard(rank, world)``, rank 0 renames the folder into place. An error on
-        any rank is raised on every rank, so nobody waits forever at a barrier.
+        any rank is raised on every rank, so nobody waits forever at a barrier, and the partial
+        folder is removed. Rank 0 holds the output's lock throughout: a second job resuming the
+        same checkpoint at the same layout waits, then checks and reuses this copy. A complete
+        copy is reused only if every file matches its recorded size and CRC-32; damaged files
+        are written again.
         """
         from lightning_reshape.checkpoint import convert
 
@@ -667,21 +671,16 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
             current,
         )
         tag = plan.source_tag
-        prepared = self._on_zero(lambda: convert.prepare_output(plan, target, tag), source, current)
-        part, complete = prepared
-        if not complete:
-            mine = plan.shard(self.global_rank, self.world_size)
-            self._on_all(
-                lambda: convert.execute_plan(
-                    plan, part, only_files=mine, workers=max(1, policy.workers)
-                ),
-                source,
-                current,
-            )
+        workers = max(1, policy.workers)
+        held: list[Any] = []  # rank 0: the output's lock, held until the copy is complete
+
+        def claim() -> tuple[Path, bool]:
+            held.append(convert.lock_output(target, tag))  # another job writing it: wait
+            return convert.prepare_output(plan, target, tag, workers=workers)
 
         def finish() -> None:
             if not complete:
-                convert.finalize_output(plan, target, tag, latest=True)
+                convert.finalize_output(plan, target, tag, latest=True, workers=workers)
                 if policy.verify:
                     from lightning_reshape.checkpoint.verify import verify
 
@@ -698,7 +697,23 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                     fh.write(tag)
                 os.replace(tmp, latest)
 
-        self._on_zero(finish, source, current)
+        try:
+            part, complete = self._on_zero(claim, source, current)
+            if not complete:
+                mine = plan.shard(self.global_rank, self.world_size)
+                self._on_all(
+                    lambda: convert.execute_plan(plan, part, only_files=mine, workers=workers),
+                    source,
+                    current,
+                )
+            self._on_zero(finish, source, current)
+        except ReshapeError:
+            if held:  # rank 0 owns the partial folder: a failed write frees its space
+                convert.discard_partial(target, tag)
+            raise
+        finally:
+            for lock in held:
+                lock.release()
         return bool(complete)
 
     def _pipeline_target(self) -> dict[str, Any]:
