@@ -534,6 +534,7 @@ class _Builder:
         piece: Piece,
         dtype: Any,
     ) -> None:
+        self._check_source(name, piece)
         key = (name, role, state_key)
         if key not in self.pieces:
             self.pieces[key] = {}
@@ -550,6 +551,34 @@ class _Builder:
 
     def load(self, file: str) -> Any:
         return self.reader.load(file)
+
+    def _check_source(self, name: str, piece: Piece) -> None:
+        """A planned copy reads ``piece`` straight from its tensor's bytes: refuse, before any
+        plan exists, a tensor that is not a tensor, that cannot supply the piece, or that is an
+        expanded view (its elements are not distinct bytes: reshaping it would write far more
+        than the file holds). The tensor's own geometry was checked against its storage and
+        the file when it was read (torchfile)."""
+        try:
+            tensor = _get(self.load(piece.file), piece.key)
+        except (KeyError, IndexError, TypeError):
+            raise CheckpointError(
+                f"{self.path(piece.file)}: key {piece.key!r} ({name}) missing"
+            ) from None
+        where = f"{self.path(piece.file)}: {piece.key!r} ({name})"
+        if not is_tensor(tensor):
+            raise CheckpointError(f"{where} is {type(tensor).__name__}, not a tensor")
+        lo, hi = piece.src_offset, piece.src_offset + piece.numel
+        if min(lo, piece.numel) < 0 or hi > tensor.numel():
+            raise CheckpointError(
+                f"{where} holds {tensor.numel()} elements, the layout needs elements "
+                f"[{lo}, {hi}); the file is damaged or belongs to another save"
+            )
+        if tensor.overlaps():
+            raise CheckpointError(
+                f"{where} is an expanded view (shape {tuple(tensor.shape)}, stride "
+                f"{tensor.stride()}): its elements share bytes, so it cannot be reshaped; save "
+                "the parameter and optimizer state as ordinary tensors"
+            )
 
 
 def _whole(
@@ -635,13 +664,28 @@ def _build(b: _Builder) -> Manifest:
     # zero stage
     optim_sd0 = None
     if f.optim:
-        optim_sd0 = b.load(f.optim[min(f.optim)])
-        osd = optim_sd0.get("optimizer_state_dict", {}) if isinstance(optim_sd0, Mapping) else {}
+        ofile = f.optim[min(f.optim)]
+        optim_sd0 = b.load(ofile)
+        osd = optim_sd0.get("optimizer_state_dict") if isinstance(optim_sd0, Mapping) else None
+        if not isinstance(osd, Mapping):
+            raise CheckpointError(
+                f"{b.path(ofile)}: key 'optimizer_state_dict' is "
+                f"{'missing' if osd is None else type(osd).__name__}; an optimizer shard holds "
+                "it (the file is damaged or not a DeepSpeed optimizer shard)"
+            )
         stage_val = osd.get("zero_stage")
         if stage_val is None:
             zero_stage, wrapper = 0, "bf16_optimizer"
         else:
-            zero_stage, wrapper = int(stage_val), "zero"
+            try:
+                zero_stage, wrapper = int(stage_val), "zero"
+            except (TypeError, ValueError):
+                zero_stage = -1
+            if zero_stage not in (0, 1, 2, 3):
+                raise CheckpointError(
+                    f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is "
+                    f"{str(stage_val)[:40]!r}, not a ZeRO stage 0-3; the file is damaged"
+                )
     else:
         zero_stage = 0
         opt = first.get("optimizer")
