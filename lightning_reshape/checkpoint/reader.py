@@ -522,6 +522,8 @@ class _Builder:
         self.refs: list[StateRef] = []
         self.aliases: dict[str, str] = {}
         self.next_layer = 0  # pipeline ZeRO 0: first layer not yet given to a stage
+        self.validated: set[str] = set()
+        self.last_file = ""  # the file read last: named when a malformed one slips through
 
     def path(self, file: str) -> str:
         return os.path.join(self.tag_dir, file)
@@ -550,7 +552,12 @@ class _Builder:
             )
 
     def load(self, file: str) -> Any:
-        return self.reader.load(file)
+        obj = self.reader.load(file)
+        self.last_file = file
+        if file not in self.validated:
+            _validate_file(self.path(file), obj)
+            self.validated.add(file)
+        return obj
 
     def _check_source(self, name: str, piece: Piece) -> None:
         """A planned copy reads ``piece`` straight from its tensor's bytes: refuse, before any
@@ -579,6 +586,67 @@ class _Builder:
                 f"{tensor.stride()}): its elements share bytes, so it cannot be reshaped; save "
                 "the parameter and optimizer state as ordinary tensors"
             )
+
+
+def _require(path: str, obj: Any, keys: KeyPath, kind: Any, why: str) -> Any:
+    """``obj[k0][k1]...``, which must exist and be a ``kind``; else one error naming the file
+    and the key path."""
+    cur = obj
+    for i, k in enumerate(keys):
+        if not isinstance(cur, Mapping) or k not in cur:
+            where = ".".join(map(str, keys[: i + 1]))
+            raise CheckpointError(f"{path}: key {where} is missing; {why}")
+        cur = cur[k]
+    if not isinstance(cur, kind):
+        names = "/".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+        raise CheckpointError(
+            f"{path}: key {'.'.join(map(str, keys))} is {type(cur).__name__}, not {names}; {why}"
+        )
+    return cur
+
+
+_DAMAGED = "the file is damaged, or was not written by DeepSpeed"
+
+
+def _validate_file(path: str, sd: Any) -> None:
+    """The keys and types every reader step relies on, checked once per file as it is first
+    read: a damaged or foreign file is one error naming the file and key, never a KeyError."""
+    name = os.path.basename(path)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict; {_DAMAGED}")
+    if name.endswith("_optim_states.pt"):
+        osd = _require(path, sd, ("optimizer_state_dict",), Mapping, _DAMAGED)
+        stage = osd.get("zero_stage")
+        try:
+            stage = None if stage is None else int(stage)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: key optimizer_state_dict.zero_stage is {str(stage)[:40]!r}, not a ZeRO "
+                f"stage; {_DAMAGED}"
+            ) from None
+        if stage in (1, 2):
+            inner = _require(
+                path, sd, ("optimizer_state_dict", "base_optimizer_state"), Mapping, _DAMAGED
+            )
+            _require(path, inner, ("state",), Mapping, _DAMAGED)
+            _require(path, inner, ("param_groups",), (list, tuple), _DAMAGED)
+            for key in ("single_partition_of_fp32_groups", "partition_count"):
+                _require(path, osd, (key,), (list, tuple, int), _DAMAGED)
+        elif stage == 3:
+            _require(path, osd, ("fp32_flat_groups",), (list, tuple), _DAMAGED)
+            _require(path, osd, ("optimizer_state_dict",), Mapping, _DAMAGED)
+    elif name.endswith("model_states.pt") and not name.startswith("layer_"):
+        for key, kind in (
+            ("module", (Mapping, type(None))),
+            ("buffer_names", (list, tuple)),
+            ("dp_world_size", int),
+        ):
+            if key in sd:
+                _require(path, sd, (key,), kind, _DAMAGED)
+        if sd.get("param_shapes") is not None:
+            shapes = _require(path, sd, ("param_shapes",), (list, tuple), _DAMAGED)
+            if not all(isinstance(g, Mapping) for g in shapes):
+                raise CheckpointError(f"{path}: key param_shapes holds a non-mapping; {_DAMAGED}")
 
 
 def _whole(
@@ -625,6 +693,13 @@ def read_manifest(
     b = _Builder(loc, trust_checkpoint, tp_rules)
     try:
         return _build(b)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
+        # a malformation no check above foresaw: still one error, naming what we know
+        what = f"key {exc.args[0]!r} missing" if isinstance(exc, KeyError) else str(exc)[:200]
+        raise CheckpointError(
+            f"{b.path(b.last_file) if b.last_file else b.tag_dir}: malformed checkpoint "
+            f"({type(exc).__name__}: {what}); {_DAMAGED}"
+        ) from exc
     finally:
         b.reader.close()
 

@@ -809,8 +809,10 @@ def load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> Any
         ).load()
         _check_tree(obj, path)
         return obj
-    except CheckpointError:
-        raise
+    except CheckpointError as exc:
+        if path in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc  # raised where the file is not known
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error) as exc:
         raise CheckpointError(
             f"{path}: truncated or corrupt checkpoint file ({type(exc).__name__}: {exc}); "
