@@ -630,6 +630,16 @@ def build_plan(
             for k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
             if k in meta.optim_top_keys
         ]
+        if target.zero_stage in (1, 2) and "clip_grad" not in meta.optim_top_keys:
+            # a ZeRO-3 source does not save it; ZeRO 1/2 save the configured clipping value
+            # (DeepSpeed's default, GRADIENT_CLIPPING_DEFAULT, is 1.0)
+            clip = meta.ds_config.get("gradient_clipping", 1.0)
+            at = sum(1 for c in top_carry if c.src_key[-1] != "clip_grad")
+            top_carry = [
+                *top_carry[:at],
+                SetValue(("optimizer_state_dict", "clip_grad"), clip, "raw"),
+                *top_carry[at:],
+            ]
         if target.zero_stage in (1, 2):
             layouts = [
                 zero_group_layout(
