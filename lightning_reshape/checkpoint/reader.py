@@ -307,10 +307,20 @@ class ShardReader:
     reading one parameter out of a large ZeRO partition costs that parameter's pages only.
     """
 
-    def __init__(self, root: str, *, trust_checkpoint: bool = False, max_open: int = 8) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        trust_checkpoint: bool = False,
+        max_open: int = 8,
+        check_crc: bool = False,
+    ) -> None:
         self.root = root
         self.trust_checkpoint = trust_checkpoint
         self.max_open = max_open
+        #: check each storage record read against its zip CRC-32 first (once per record)
+        self.check_crc = check_crc
+        self._checked: set[tuple[str, str]] = set()
         self._open: dict[str, Any] = {}
         self._fds: dict[str, int] = {}
 
@@ -338,6 +348,18 @@ class ShardReader:
             raise CheckpointError(
                 f"{os.path.join(self.root, piece.file)}: {piece.key!r} is not a tensor"
             )
+        stored = tensor.storage.file
+        if (
+            self.check_crc
+            and stored is not None
+            and (piece.file, tensor.storage.key) not in self._checked
+        ):
+            fd = stored.open()
+            try:
+                stored.check_crc(fd, tensor.storage.key)
+            finally:
+                os.close(fd)
+            self._checked.add((piece.file, tensor.storage.key))
         flat = tensor.to_torch().reshape(-1)
         if piece.src_offset + piece.numel > flat.numel():
             raise CheckpointError(

@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.manifest import ROLE_FP32
+from lightning_reshape.checkpoint.reader import ShardReader, read_manifest
 from lightning_reshape.checkpoint.verify import verify
 from lightning_reshape.errors import CheckpointError
 from tests.checkpoint.damage import flip_data_byte, run_cli
@@ -67,3 +69,20 @@ def test_flipped_source_bit_refused(ckpt_root: Mapping[int, Path], tmp_path: Pat
     assert (code, err) == (0, [])
     for f in (tmp_path / "raw" / "global_step2").glob("*.pt"):
         assert zipfile.ZipFile(f).testzip() is None
+
+
+def test_direct_path_reader_checks_crcs(ckpt_root: Mapping[int, Path], tmp_path: Path) -> None:
+    """The direct resume reads slices through ShardReader(check_crc=True): a flipped record is
+    refused before its bytes reach an engine; without the check they would be read."""
+    save = copy_save(ckpt_root[2] / "z1", tmp_path / "z1")
+    shard = save / "global_step2" / OPTIM0
+    flip_data_byte(shard, _fp32_key(shard), 5)
+    manifest = read_manifest(save)
+    piece = next(
+        p for e in manifest.entries(ROLE_FP32) for p in e.pieces if p.file == OPTIM0 and p.numel
+    )
+    with ShardReader(manifest.root) as plain:
+        plain.read(piece)
+    with ShardReader(manifest.root, check_crc=True) as checked:
+        with pytest.raises(CheckpointError, match=f"{OPTIM0}: storage record data/.* CRC-32"):
+            checked.read(piece)
