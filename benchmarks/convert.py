@@ -14,7 +14,9 @@ Fairness: before every timed run the previous outputs are removed and ``sync`` i
 pays for another's write-back), then the source is either read into the page cache (``warm``) or
 the cache is dropped (``cold``, root only). ``cat`` is shown with and without ``sync`` of its
 output, since ``convert`` fsyncs what it writes. ``convert`` is timed as the whole CLI command
-(interpreter start and imports included) and, separately, as the library call alone.
+(interpreter start and imports included) and, separately, as the library call alone; and with
+``--no-crc-check`` (no CRC-32 check of the source records; output CRCs are written either way),
+to show what the check costs.
 """
 
 from __future__ import annotations
@@ -277,6 +279,26 @@ def main() -> None:
             ],
             files,
         )
+        tools[f"convert {case} (CLI, --no-crc-check)"] = (
+            work / "conv",
+            lambda d, s=src, tp=tp, dp=dp: [  # type: ignore[misc]
+                sys.executable,
+                "-m",
+                "lightning_reshape.cli",
+                "convert",
+                str(s),
+                str(d),
+                "--tp",
+                str(tp),
+                "--dp",
+                str(dp),
+                "--quiet",
+                "--workers",
+                str(args.workers),
+                "--no-crc-check",
+            ],
+            files,
+        )
         tools[f"convert {case} (library)"] = (
             work / "conv",
             lambda d, s=src, tp=tp, dp=dp: [  # type: ignore[misc]
@@ -310,7 +332,7 @@ def main() -> None:
         results[name] = runs[len(runs) // 2]
         walls = ", ".join(f"{r[0]:.2f}" for r in runs)
         print(f"  {name}: wall {walls} s", flush=True)
-        if name.endswith("(CLI)"):  # what was timed must be right: the last output, verified
+        if "(CLI" in name:  # what was timed must be right: the last output, verified
             src = files[0].parent.parent
             check = subprocess.run(
                 [sys.executable, "-m", "lightning_reshape.cli", "verify", str(src), str(out)],
@@ -324,10 +346,10 @@ def main() -> None:
         fresh(out)
     subprocess.run(["sync"], check=True)
 
-    print(f"\n{'tool (median)':<38} {'wall s':>8} {'library s':>10} {'peak RSS GB':>12}")
+    print(f"\n{'tool (median)':<46} {'wall s':>8} {'library s':>10} {'peak RSS GB':>12}")
     for name, (wall, rss, inner) in results.items():
         lib = f"{inner:>10.2f}" if inner is not None else f"{'':>10}"
-        print(f"{name:<38} {wall:>8.2f} {lib} {rss:>12.2f}")
+        print(f"{name:<46} {wall:>8.2f} {lib} {rss:>12.2f}")
     print()
 
     def verdict(ok: bool) -> str:
@@ -344,6 +366,11 @@ def main() -> None:
             f"  vs cat + sync, same durability as convert's fsynced output: {durable:.2f}x "
             f"(target <= 1.5x: {verdict(durable <= 1.5)}); vs cat left in the page cache: "
             f"{w / cat_w:.2f}x"
+        )
+        plain = results[f"convert {case} (CLI, --no-crc-check)"][0]
+        print(
+            f"  CRC-32 check of the source's records: CLI {w:.2f} s with, {plain:.2f} s without "
+            f"(--no-crc-check): {w / plain:.2f}x ({100 * (w / plain - 1):+.0f}%)"
         )
         if f"ds_to_universal {key}" in results:
             uni_w, uni_rss, _ = results[f"ds_to_universal {key}"]

@@ -127,6 +127,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.add_argument("--trust-checkpoint", action="store_true")
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
+    convert.add_argument(
+        "--no-crc-check",
+        action="store_true",
+        help="do not check the source's tensor records against their CRC-32s (faster: the "
+        "check reads every source record once more; the output's CRC-32s are written anyway)",
+    )
     convert.set_defaults(run=_run_convert)
 
     verify = sub.add_parser("verify", help="compare two checkpoints' logical content bit for bit")
@@ -193,6 +199,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         workers=args.workers,
         tp_rules=rules,  # type: ignore[arg-type]
         pp_partition=args.pp_partition,
+        check_crc=not args.no_crc_check,
     )
     print(f"wrote {out}")
     return 0

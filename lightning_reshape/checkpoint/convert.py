@@ -73,13 +73,15 @@ def convert_checkpoint(
     workers: int = 1,
     tp_rules: Sequence[TPRule] | None = None,
     pp_partition: str = "parameters",
+    check_crc: bool = True,
 ) -> Path:
     """Write ``src`` reshaped to (tp, pp, dp, zero_stage) as an engine save dir at ``dst``.
 
     ``pp_partition`` is the target PipelineModule's ``partition_method`` ("parameters",
     "uniform" or boundaries "0,3,6"). The tag is the source's unless ``tag`` is given;
     ``dst/latest`` points at it (unless ``dst`` is the source's own save dir, whose ``latest`` is
-    left alone). Returns the tag folder.
+    left alone). Returns the tag folder. ``check_crc=False`` skips the CRC-32 check of the
+    source's tensor records (the output's CRC-32s are written either way).
 
     Refused (CheckpointError, before anything is written): a destination that is an existing
     file or lies under one, and a destination inside the source tree (the path given as ``src``
@@ -100,7 +102,15 @@ def convert_checkpoint(
     check_destination(dst, source=(src, plan.source_root))
     src_save_dir = Path(plan.source_root).parent.resolve()
     latest = Path(dst).resolve() != src_save_dir
-    return write_plan(plan, dst, out_tag, workers=workers, progress=progress, latest=latest)
+    return write_plan(
+        plan,
+        dst,
+        out_tag,
+        workers=workers,
+        progress=progress,
+        latest=latest,
+        check_crc=check_crc,
+    )
 
 
 def check_destination(

@@ -96,7 +96,7 @@ def fill_zero12_optimizer(engine: Any, manifest: Manifest, *, tp_rank: int = 0) 
     if not os.path.isfile(os.path.join(manifest.root, src_file)):
         raise CheckpointError(f"{manifest.root}: {src_file} missing")
 
-    with ShardReader(manifest.root, trust_checkpoint=manifest.trusted) as reader:
+    with ShardReader(manifest.root, trust_checkpoint=manifest.trusted, check_crc=True) as reader:
         # the real objects (loss scaler, step tensors) go into the engine: torch's loader
         src_osd = safe_load(
             os.path.join(manifest.root, src_file), trust_checkpoint=manifest.trusted

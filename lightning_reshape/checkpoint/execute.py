@@ -45,7 +45,7 @@ from filelock import FileLock, Timeout
 from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.plan import Carry, Plan, SetValue, TargetFile, TensorFill
 from lightning_reshape.checkpoint.sidecar import write_sidecar
-from lightning_reshape.checkpoint.torchfile import Opaque, Size, TensorRef
+from lightning_reshape.checkpoint.torchfile import Opaque, Size, StorageRef, TensorRef
 from lightning_reshape.errors import CheckpointError, ReshapeError
 
 __all__ = [
@@ -179,8 +179,19 @@ _ZERO_STAGE = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
 # one file
 
 
-def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any]) -> int:
-    """Write one target file into ``folder`` (as ``name.tmp``, then renamed); returns bytes."""
+def _write_file(
+    plan: Plan,
+    tf: TargetFile,
+    folder: Path,
+    sources: dict[str, Any],
+    checked: set[tuple[Any, ...]] | None = None,
+) -> int:
+    """Write one target file into ``folder`` (as ``name.tmp``, then renamed); returns bytes.
+
+    ``checked``: CRC-32 check every source storage record this file reads before copying from
+    it (records already in the set are not read again; None: no check). The file's own records
+    always get their CRC-32s written (:func:`torchfile.fill_crcs`).
+    """
 
     def source(name: str) -> Any:
         if name not in sources:
@@ -191,6 +202,10 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
 
     obj: dict[Any, Any] = {}
     tensors: dict[tuple[str, Any], Any] = {}  # (src file, key path) -> tensor
+    # carried tensors keep their geometry and share storages as in the source (see
+    # _replace_tensors): (src file, src storage, new storage), each source storage once
+    carried: list[tuple[str, StorageRef, StorageRef]] = []
+    memo: dict[int, Any] = {}
     # (new tensor, [(src file, src tensor, src elem offset, dst elem offset, numel)])
     jobs: list[tuple[TensorRef, list[tuple[str, TensorRef, int, int, int]]]] = []
     for item in tf.items:
@@ -204,10 +219,9 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
                     f"{os.path.join(plan.source_root, item.src_file)}: key {item.src_key!r} "
                     "missing; the file does not match its manifest"
                 ) from None
-            found: list[tuple[TensorRef, TensorRef]] = []
-            _set(obj, item.dst_key, _replace_tensors(value, found))
-            for new, original in found:
-                jobs.append((new, [(item.src_file, original, 0, 0, original.numel())]))
+            found: list[tuple[StorageRef, StorageRef]] = []
+            _set(obj, item.dst_key, _replace_tensors(value, found, memo))
+            carried.extend((item.src_file, original, new) for new, original in found)
         elif isinstance(item, TensorFill):
             if item.tie is not None:
                 _set(obj, item.key, _get(obj, item.tie))
@@ -232,6 +246,12 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
     src_files: dict[str, torchfile.StoredFile] = {}  # opened by identity: no swapped file read
     fd = os.open(tmp, os.O_WRONLY)
     try:
+        for file, src_s, dst_s in carried:  # whole storage records, byte for byte
+            nbytes = src_s.numel * src_s.dtype.itemsize
+            if nbytes and src_s.file is not None:
+                src_files.setdefault(file, src_s.file)
+                ranges.append((file, src_s.file.offsets[src_s.key][0], offsets[id(dst_s)], nbytes))
+                moved += nbytes
         for dst_t, runs in jobs:
             dst_base = offsets[id(dst_t.storage)]
             dst_numel = dst_t.numel()
@@ -265,6 +285,8 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
         try:
             for file in {r[0] for r in ranges}:
                 src_fds[file] = src_files[file].open()
+            if checked is not None:
+                _check_sources(plan, carried, jobs, src_files, src_fds, checked)
             small: list[tuple[str, int, int, int]] = []
             for file, src_off, dst_off, nbytes in _coalesce(ranges):
                 if nbytes < SMALL_RANGE_BYTES:
@@ -275,12 +297,47 @@ def _write_file(plan: Plan, tf: TargetFile, folder: Path, sources: dict[str, Any
         finally:
             for sfd in src_fds.values():
                 os.close(sfd)
+        torchfile.fill_crcs(tmp)
         os.fsync(fd)
     finally:
         os.close(fd)
     _write_sum(folder, tf.name, *file_checksum(tmp))
     os.replace(tmp, folder / tf.name)
     return moved
+
+
+def _check_sources(
+    plan: Plan,
+    carried: list[tuple[str, StorageRef, StorageRef]],
+    jobs: list[tuple[TensorRef, list[tuple[str, TensorRef, int, int, int]]]],
+    src_files: dict[str, torchfile.StoredFile],
+    src_fds: dict[str, int],
+    checked: set[tuple[Any, ...]],
+) -> None:
+    """CRC-32 check each source storage record read for this file, once per process.
+
+    Why whole records: a zip CRC covers its record, so the bytes a copy skips (another rank's
+    partition) are read too; ``copy_file_range`` never shows its bytes to user space, so this
+    is a read of its own (cost: see README, "How fast")."""
+    used = [(file, s.key) for file, s, _ in carried]
+    used += [(file, t.storage.key) for _, runs in jobs for file, t, *_ in runs if t.storage.file]
+    for file, key in dict.fromkeys(used):
+        stored = src_files.get(file)
+        if stored is None:
+            continue  # only read through a cast: torch checks nothing, neither do we
+        mark = (stored.identity, file, key)
+        if mark in checked:
+            continue
+        sfd = src_fds.get(file)
+        own = sfd is None
+        if own:
+            sfd = stored.open()
+        try:
+            stored.check_crc(sfd, key)
+        finally:
+            if own:
+                os.close(sfd)
+        checked.add(mark)
 
 
 def _write_cast(fd: int, src_t: TensorRef, s_off: int, n: int, dst_t: TensorRef, at: int) -> None:
@@ -386,29 +443,44 @@ def _coalesce(ranges: list[tuple[str, int, int, int]]) -> list[tuple[str, int, i
     return merged
 
 
-def _replace_tensors(value: Any, found: list[tuple[TensorRef, TensorRef]]) -> Any:
-    """A copy of ``value`` with every tensor replaced by a new, empty one of the same kind;
-    ``found`` collects (new, original) pairs, whose bytes are copied later."""
+def _replace_tensors(
+    value: Any, found: list[tuple[StorageRef, StorageRef]], memo: dict[int, Any]
+) -> Any:
+    """A copy of ``value`` with every tensor replaced by a new one of the same geometry (offset,
+    shape, stride) on a new storage of the same size; ``found`` collects (new, original) storage
+    pairs, whose bytes are copied later.
+
+    Why views stay views: the bytes written are then those of the source's storages, each once
+    per file, as ``torch.save`` wrote them, so neither an expanded (stride 0) view nor many
+    references to one tensor can make the output larger than its source. ``memo`` keeps shared
+    objects shared."""
     if isinstance(value, TensorRef):
-        new = TensorRef.empty(value.shape, value.dtype.name)
-        new.requires_grad, new.wrapper_state = value.requires_grad, value.wrapper_state
-        found.append((new, value))
+        if id(value) in memo:
+            return memo[id(value)]
+        src = value.storage
+        new_s = memo.get(id(src))
+        if new_s is None:
+            new_s = memo[id(src)] = StorageRef(None, "", src.dtype, src.numel)
+            found.append((new_s, src))
+        new = TensorRef(new_s, value.offset, value.shape, value.stride(), value.requires_grad)
+        new.wrapper_state = value.wrapper_state
+        memo[id(value)] = new
         return new
     if isinstance(value, dict):
         out = copy.copy(value)
         for k, v in value.items():
-            out[k] = _replace_tensors(v, found)
+            out[k] = _replace_tensors(v, found, memo)
         return out
     if type(value) in (list, tuple):
-        return type(value)(_replace_tensors(v, found) for v in value)
+        return type(value)(_replace_tensors(v, found, memo) for v in value)
     if isinstance(value, Opaque):
         out = object.__new__(type(value))  # not copy.copy: it would go through __setstate__
         d = out.__dict__
         d.update(value.__dict__)
-        d["args"] = tuple(_replace_tensors(v, found) for v in d["args"])
-        d["state"] = _replace_tensors(d["state"], found)
-        d["items"] = [(k, _replace_tensors(v, found)) for k, v in d["items"]]
-        d["listitems"] = [_replace_tensors(v, found) for v in d["listitems"]]
+        d["args"] = tuple(_replace_tensors(v, found, memo) for v in d["args"])
+        d["state"] = _replace_tensors(d["state"], found, memo)
+        d["items"] = [(k, _replace_tensors(v, found, memo)) for k, v in d["items"]]
+        d["listitems"] = [_replace_tensors(v, found, memo) for v in d["listitems"]]
         return out
     return value
 
@@ -425,12 +497,15 @@ def execute_plan(
     workers: int = 1,
     progress: bool = False,
     on_file: Callable[[str, int], None] | None = None,
+    check_crc: bool = True,
 ) -> list[str]:
     """Write the plan's files (or ``only_files``) into ``folder``; returns the names written.
 
     Files already present in ``folder`` (complete, renamed from ``.tmp``) are kept, so a rank that
-    died half-way can simply run again. Threads: ``workers`` files at a time.
+    died half-way can simply run again. Threads: ``workers`` files at a time. ``check_crc``:
+    every source storage record read is checked against its zip CRC-32 first (each once).
     """
+    checked: set[tuple[Any, ...]] | None = set() if check_crc else None
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     wanted = set(only_files) if only_files is not None else None
@@ -455,7 +530,7 @@ def execute_plan(
         t0 = time.perf_counter()
         sources: dict[str, Any] = {}
         with output_errors(folder / tf.name):
-            moved = _write_file(plan, tf, folder, sources)
+            moved = _write_file(plan, tf, folder, sources, checked)
         sources.clear()
         if bar is not None:
             bar.update(tf.copy_bytes())
@@ -791,6 +866,7 @@ def write_plan(
     workers: int = 1,
     progress: bool = False,
     latest: bool = True,
+    check_crc: bool = True,
 ) -> Path:
     """The whole protocol in one process: lock, prepare, execute every file, finalize.
 
@@ -807,7 +883,7 @@ def write_plan(
                     _write_latest(dst, tag)
             return part
         try:
-            execute_plan(plan, part, workers=workers, progress=progress)
+            execute_plan(plan, part, workers=workers, progress=progress, check_crc=check_crc)
             return finalize_output(plan, dst, tag, latest=latest, workers=workers)
         except (ReshapeError, OSError):
             discard_partial(dst, tag)

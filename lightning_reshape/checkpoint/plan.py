@@ -448,9 +448,12 @@ class _Resolver:
 
 def _splits(
     manifest: Manifest, meta: SourceMeta, target: Target, rules: Sequence[TPRule]
-) -> dict[str, TPSplit | None]:
-    """Split of every tensor name; refuse a tp change where a split is unknown."""
+) -> tuple[dict[str, TPSplit | None], set[str]]:
+    """(split of every tensor name, names whose split is known rather than assumed: proven or
+    recorded at source tp > 1, a rule, or the source's sidecar); refuse a tp change where a
+    split is unknown."""
     out: dict[str, TPSplit | None] = {}
+    recorded: set[str] = set()
     src_tp = manifest.topology.tp
     unknown: list[str] = []
     for e in manifest.tensors:
@@ -458,13 +461,20 @@ def _splits(
             continue
         split: TPSplit | None = e.tp_split
         known = src_tp > 1 or target.tp == 1
+        if src_tp > 1:
+            recorded.add(e.name)
         for rule in rules:
             if re.search(rule.pattern, e.name):
                 split, known = rule.split, True
+                recorded.add(e.name)
                 break
         else:
-            if not known and e.name in meta.tp_splits:
+            # At source tp 1 the manifest cannot see splits (every tensor is whole), but the
+            # source's sidecar may still record them from an earlier reshape: keep them, or a
+            # later tp change from this output would treat split tensors as replicated.
+            if src_tp == 1 and e.name in meta.tp_splits:
                 split, known = meta.tp_splits[e.name], True
+                recorded.add(e.name)
         if not known and target.tp != src_tp:
             unknown.append(e.name)
         out[e.name] = split
@@ -481,7 +491,7 @@ def _splits(
         if split is not None and target.tp != src_tp:
             shape = next(e.shape for e in manifest.tensors if e.name == name)
             _check_split(name, shape, split, (src_tp, target.tp))
-    return out
+    return out, recorded | (set(out) if target.tp != src_tp else set())
 
 
 def build_plan(
@@ -500,14 +510,14 @@ def build_plan(
         value = getattr(target, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LayoutError(f"target {name}={value!r} must be an integer >= 1")
-    if target.zero_stage not in (1, 2, 3):
-        raise LayoutError(
-            f"target zero_stage={target.zero_stage} is not supported; convert to ZeRO 1, 2 or 3"
-        )
     if src.zero_stage not in (1, 2, 3) or manifest.optimizer_wrapper not in ("zero",):
         raise CheckpointError(
             f"{manifest.root}: source is ZeRO stage {src.zero_stage} with optimizer wrapper "
             f"{manifest.optimizer_wrapper!r}; only ZeRO 1, 2 and 3 sources can be reshaped yet"
+        )
+    if target.zero_stage not in (1, 2, 3):
+        raise LayoutError(
+            f"target zero_stage={target.zero_stage} is not supported; convert to ZeRO 1, 2 or 3"
         )
     pipeline = "pipeline" in manifest.layout
     if not pipeline and (src.pp != 1 or target.pp != 1):
@@ -521,7 +531,7 @@ def build_plan(
             f"target zero_stage={target.zero_stage}: DeepSpeed's pipeline engine supports ZeRO "
             "stage 1 only; convert with zero_stage=1"
         )
-    splits = _splits(manifest, meta, target, tp_rules)
+    splits, recorded = _splits(manifest, meta, target, tp_rules)
     res = _Resolver(manifest, splits, target.tp)
     by_key = {e.key: e for e in manifest.tensors}
     aliases = dict(manifest.aliases)
@@ -622,6 +632,16 @@ def build_plan(
             for k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
             if k in meta.optim_top_keys
         ]
+        if target.zero_stage in (1, 2) and "clip_grad" not in meta.optim_top_keys:
+            # a ZeRO-3 source does not save it; ZeRO 1/2 save the configured clipping value
+            # (DeepSpeed's default, GRADIENT_CLIPPING_DEFAULT, is 1.0)
+            clip = meta.ds_config.get("gradient_clipping", 1.0)
+            at = sum(1 for c in top_carry if c.src_key[-1] != "clip_grad")
+            top_carry = [
+                *top_carry[:at],
+                SetValue(("optimizer_state_dict", "clip_grad"), clip, "raw"),
+                *top_carry[at:],
+            ]
         if target.zero_stage in (1, 2):
             layouts = [
                 zero_group_layout(
@@ -835,29 +855,29 @@ def build_plan(
         target=target,
         files=tuple(files),
         trusted=manifest.trusted,
-        sidecar=_target_sidecar(manifest, meta, target, splits, tp_rules),
+        sidecar=_target_sidecar(manifest, target, splits, recorded),
     )
 
 
 def _target_sidecar(
     manifest: Manifest,
-    meta: SourceMeta,
     target: Target,
     splits: Mapping[str, TPSplit | None],
-    rules: Sequence[TPRule],
+    recorded: set[str],
 ) -> Sidecar | None:
-    """The target's sidecar when every split is known: the source had tp > 1 (splits proven or
-    recorded), the target has tp > 1 (``_splits`` refused unknown ones), or the source carried
-    a sidecar or rules."""
-    if manifest.topology.tp == 1 and target.tp == 1 and not meta.tp_splits and not rules:
+    """The target's sidecar, recording every split that is known (``recorded``), and only
+    those: a later reshape of the output needs each of them (buffers and frozen weights too),
+    and at tp 1 nothing else can tell it; a split merely assumed (tp 1 -> 1) is left out, so
+    it stays unknown rather than becoming a false "replicated". None when nothing is known."""
+    names = [e.name for e in manifest.tensors if e.role != ROLE_OPTIM and e.name in recorded]
+    if not names:
         return None
-    params = [e.name for e in manifest.tensors if e.role in (ROLE_PARAM, ROLE_FP32)]
     return Sidecar(
         tp=target.tp,
         pp=target.pp,
         dp=target.dp,
         zero_stage=target.zero_stage,
-        tp_splits={n: splits.get(n) for n in dict.fromkeys(params)},
+        tp_splits={n: splits.get(n) for n in dict.fromkeys(names)},
         extra={"reshaped_from": manifest.topology.__dict__ | {"tag": manifest.tag}},
     )
 

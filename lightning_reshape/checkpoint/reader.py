@@ -309,10 +309,20 @@ class ShardReader:
     reading one parameter out of a large ZeRO partition costs that parameter's pages only.
     """
 
-    def __init__(self, root: str, *, trust_checkpoint: bool = False, max_open: int = 8) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        trust_checkpoint: bool = False,
+        max_open: int = 8,
+        check_crc: bool = False,
+    ) -> None:
         self.root = root
         self.trust_checkpoint = trust_checkpoint
         self.max_open = max_open
+        #: check each storage record read against its zip CRC-32 first (once per record)
+        self.check_crc = check_crc
+        self._checked: set[tuple[str, str]] = set()
         self._open: dict[str, Any] = {}
         self._fds: dict[str, int] = {}
 
@@ -340,6 +350,18 @@ class ShardReader:
             raise CheckpointError(
                 f"{os.path.join(self.root, piece.file)}: {piece.key!r} is not a tensor"
             )
+        stored = tensor.storage.file
+        if (
+            self.check_crc
+            and stored is not None
+            and (piece.file, tensor.storage.key) not in self._checked
+        ):
+            fd = stored.open()
+            try:
+                stored.check_crc(fd, tensor.storage.key)
+            finally:
+                os.close(fd)
+            self._checked.add((piece.file, tensor.storage.key))
         flat = tensor.to_torch().reshape(-1)
         if piece.src_offset + piece.numel > flat.numel():
             raise CheckpointError(
@@ -529,6 +551,8 @@ class _Builder:
         self.ties: dict[str, dict[str, list[int]]] = {}
         self.src_parts: list[int] = []
         self.tie_owner: dict[tuple[str, str, str | None], int | None] = {}
+        self.validated: set[str] = set()
+        self.last_file = ""  # the file read last: named when a malformed one slips through
 
     def path(self, file: str) -> str:
         return os.path.join(self.tag_dir, file)
@@ -541,6 +565,7 @@ class _Builder:
         piece: Piece,
         dtype: Any,
     ) -> None:
+        self._check_source(name, piece)
         key = (name, role, state_key)
         if name.startswith(TIED_PREFIX):
             # every stage using a tied module holds an identical copy (DeepSpeed all-reduces
@@ -562,7 +587,101 @@ class _Builder:
             )
 
     def load(self, file: str) -> Any:
-        return self.reader.load(file)
+        obj = self.reader.load(file)
+        self.last_file = file
+        if file not in self.validated:
+            _validate_file(self.path(file), obj)
+            self.validated.add(file)
+        return obj
+
+    def _check_source(self, name: str, piece: Piece) -> None:
+        """A planned copy reads ``piece`` straight from its tensor's bytes: refuse, before any
+        plan exists, a tensor that is not a tensor, that cannot supply the piece, or that is an
+        expanded view (its elements are not distinct bytes: reshaping it would write far more
+        than the file holds). The tensor's own geometry was checked against its storage and
+        the file when it was read (torchfile)."""
+        try:
+            tensor = _get(self.load(piece.file), piece.key)
+        except (KeyError, IndexError, TypeError):
+            raise CheckpointError(
+                f"{self.path(piece.file)}: key {piece.key!r} ({name}) missing"
+            ) from None
+        where = f"{self.path(piece.file)}: {piece.key!r} ({name})"
+        if not is_tensor(tensor):
+            raise CheckpointError(f"{where} is {type(tensor).__name__}, not a tensor")
+        lo, hi = piece.src_offset, piece.src_offset + piece.numel
+        if min(lo, piece.numel) < 0 or hi > tensor.numel():
+            raise CheckpointError(
+                f"{where} holds {tensor.numel()} elements, the layout needs elements "
+                f"[{lo}, {hi}); the file is damaged or belongs to another save"
+            )
+        if tensor.overlaps():
+            raise CheckpointError(
+                f"{where} is an expanded view (shape {tuple(tensor.shape)}, stride "
+                f"{tensor.stride()}): its elements share bytes, so it cannot be reshaped; save "
+                "the parameter and optimizer state as ordinary tensors"
+            )
+
+
+def _require(path: str, obj: Any, keys: KeyPath, kind: Any, why: str) -> Any:
+    """``obj[k0][k1]...``, which must exist and be a ``kind``; else one error naming the file
+    and the key path."""
+    cur = obj
+    for i, k in enumerate(keys):
+        if not isinstance(cur, Mapping) or k not in cur:
+            where = ".".join(map(str, keys[: i + 1]))
+            raise CheckpointError(f"{path}: key {where} is missing; {why}")
+        cur = cur[k]
+    if not isinstance(cur, kind):
+        names = "/".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+        raise CheckpointError(
+            f"{path}: key {'.'.join(map(str, keys))} is {type(cur).__name__}, not {names}; {why}"
+        )
+    return cur
+
+
+_DAMAGED = "the file is damaged, or was not written by DeepSpeed"
+
+
+def _validate_file(path: str, sd: Any) -> None:
+    """The keys and types every reader step relies on, checked once per file as it is first
+    read: a damaged or foreign file is one error naming the file and key, never a KeyError."""
+    name = os.path.basename(path)
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(sd).__name__}, not a state dict; {_DAMAGED}")
+    if name.endswith("_optim_states.pt"):
+        osd = _require(path, sd, ("optimizer_state_dict",), Mapping, _DAMAGED)
+        stage = osd.get("zero_stage")
+        try:
+            stage = None if stage is None else int(stage)
+        except (TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: key optimizer_state_dict.zero_stage is {str(stage)[:40]!r}, not a ZeRO "
+                f"stage; {_DAMAGED}"
+            ) from None
+        if stage in (1, 2):
+            inner = _require(
+                path, sd, ("optimizer_state_dict", "base_optimizer_state"), Mapping, _DAMAGED
+            )
+            _require(path, inner, ("state",), Mapping, _DAMAGED)
+            _require(path, inner, ("param_groups",), (list, tuple), _DAMAGED)
+            for key in ("single_partition_of_fp32_groups", "partition_count"):
+                _require(path, osd, (key,), (list, tuple, int), _DAMAGED)
+        elif stage == 3:
+            _require(path, osd, ("fp32_flat_groups",), (list, tuple), _DAMAGED)
+            _require(path, osd, ("optimizer_state_dict",), Mapping, _DAMAGED)
+    elif name.endswith("model_states.pt") and not name.startswith("layer_"):
+        for key, kind in (
+            ("module", (Mapping, type(None))),
+            ("buffer_names", (list, tuple)),
+            ("dp_world_size", int),
+        ):
+            if key in sd:
+                _require(path, sd, (key,), kind, _DAMAGED)
+        if sd.get("param_shapes") is not None:
+            shapes = _require(path, sd, ("param_shapes",), (list, tuple), _DAMAGED)
+            if not all(isinstance(g, Mapping) for g in shapes):
+                raise CheckpointError(f"{path}: key param_shapes holds a non-mapping; {_DAMAGED}")
 
 
 def _whole(
@@ -609,6 +728,13 @@ def read_manifest(
     b = _Builder(loc, trust_checkpoint, tp_rules)
     try:
         return _build(b)
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError, OverflowError) as exc:
+        # a malformation no check above foresaw: still one error, naming what we know
+        what = f"key {exc.args[0]!r} missing" if isinstance(exc, KeyError) else str(exc)[:200]
+        raise CheckpointError(
+            f"{b.path(b.last_file) if b.last_file else b.tag_dir}: malformed checkpoint "
+            f"({type(exc).__name__}: {what}); {_DAMAGED}"
+        ) from exc
     finally:
         b.reader.close()
 
@@ -648,13 +774,28 @@ def _build(b: _Builder) -> Manifest:
     # zero stage
     optim_sd0 = None
     if f.optim:
-        optim_sd0 = b.load(f.optim[min(f.optim)])
-        osd = optim_sd0.get("optimizer_state_dict", {}) if isinstance(optim_sd0, Mapping) else {}
+        ofile = f.optim[min(f.optim)]
+        optim_sd0 = b.load(ofile)
+        osd = optim_sd0.get("optimizer_state_dict") if isinstance(optim_sd0, Mapping) else None
+        if not isinstance(osd, Mapping):
+            raise CheckpointError(
+                f"{b.path(ofile)}: key 'optimizer_state_dict' is "
+                f"{'missing' if osd is None else type(osd).__name__}; an optimizer shard holds "
+                "it (the file is damaged or not a DeepSpeed optimizer shard)"
+            )
         stage_val = osd.get("zero_stage")
         if stage_val is None:
             zero_stage, wrapper = 0, "bf16_optimizer"
         else:
-            zero_stage, wrapper = int(stage_val), "zero"
+            try:
+                zero_stage, wrapper = int(stage_val), "zero"
+            except (TypeError, ValueError):
+                zero_stage = -1
+            if zero_stage not in (0, 1, 2, 3):
+                raise CheckpointError(
+                    f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is "
+                    f"{str(stage_val)[:40]!r}, not a ZeRO stage 0-3; the file is damaged"
+                )
     else:
         zero_stage = 0
         opt = first.get("optimizer")

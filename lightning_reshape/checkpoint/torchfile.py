@@ -16,13 +16,15 @@ gigabyte, so the convert path reads and writes torch's format itself:
   reserved (sparse) and their file offsets returned, so the bytes can be copied in by the kernel.
 
 Objects read here re-pickle exactly as they were pickled, so client state of any shape (loss
-scalers, enums, Lightning's containers) survives a conversion unchanged. As with
-``torch.serialization.skip_data``, the CRC of a reserved storage record is written as 0: torch
-does not check it.
+scalers, enums, Lightning's containers) survives a conversion unchanged. A reserved storage
+record is written with CRC 0 by :func:`save`; once its bytes are in, :func:`fill_crcs` writes
+the real CRC-32s (as ``torch.save`` has them), and :meth:`StoredFile.check_crc` checks a source
+record's bytes against its CRC before they are copied.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import hashlib
 import io
 import mmap
@@ -35,7 +37,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_reshape.errors import CheckpointError, UnsafeCheckpointError
@@ -82,6 +84,18 @@ ALLOWED_GLOBALS: tuple[str, ...] = (
     "collections.deque",
     "collections.Counter",
 )
+
+#: bytes the allowed callables (``set``, ``bytearray``, ``torch.Size``, ...) may allocate
+#: while one ``data.pkl`` is unpickled, on top of 64 bytes per byte of pickle
+UNPICKLE_BUDGET_BYTES = 64 << 20
+#: how deep containers may nest in a checkpoint's object tree (real ones: under 15); deeper
+#: trees, and self-referencing ones, are refused (they would exhaust Python's recursion later)
+MAX_NESTING = 100
+#: elements of the object tree counted as a tree (a shared sub-tree once per reference):
+#: bounds walks over it, which a pickle of shared references could make exponential
+MAX_TREE_NODES = 5_000_000
+_SIZED = (str, bytes, bytearray, range, tuple, list, dict, set, frozenset)
+_ITEM_BYTES = {("builtins", "bytearray"): 1, ("builtins", "set"): 64, ("builtins", "frozenset"): 64}
 
 # Built-in classes rebuilt as themselves: calling them on unpickled data runs no user code.
 _REAL: dict[tuple[str, str], Any] = {
@@ -198,6 +212,22 @@ class StoredFile:
     path: str
     offsets: Mapping[str, tuple[int, int]]  # storage key -> (byte offset, nbytes)
     identity: tuple[int, ...] = ()  # (device, inode, size, mtime) when it was read
+    crcs: Mapping[str, int] = field(default_factory=dict)  # storage key -> zip CRC-32
+
+    def check_crc(self, fd: int, key: str) -> None:
+        """Read storage record ``data/<key>`` through ``fd`` and compare its CRC-32 with the one
+        the zip directory holds: a flipped bit in tensor data is caught before it is copied."""
+        want = self.crcs.get(key)
+        if not want:  # 0: not recorded (torch's skip_data, and our outputs before 0.x wrote 0)
+            return
+        off, n = self.offsets[key]
+        got = crc32_range(fd, off, n)
+        if got != want:
+            raise CheckpointError(
+                f"{self.path}: storage record data/{key} fails its CRC-32 check (stored "
+                f"{want:08x}, computed {got:08x}): the tensor bytes are corrupt; restore the file "
+                "from a good copy"
+            )
 
     def open(self) -> int:
         """A read-only descriptor of this very file; refuses one replaced or rewritten since it
@@ -209,6 +239,74 @@ class StoredFile:
                 f"{self.path}: changed since it was read (rewritten or replaced); run again"
             )
         return fd
+
+
+try:  # ISA-L's CRC-32 is about 5x zlib's; the same polynomial and values
+    from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+    _crc32 = zlib.crc32
+
+CRC_CHUNK = 8 << 20
+
+
+def crc32_range(fd: int, offset: int, nbytes: int) -> int:
+    """CRC-32 (zip's) of ``nbytes`` bytes of ``fd`` from ``offset``, read a chunk at a time."""
+    crc, buf = 0, bytearray(min(nbytes, CRC_CHUNK))
+    view = memoryview(buf)
+    while nbytes > 0:
+        got = os.preadv(fd, [view[: min(nbytes, CRC_CHUNK)]], offset)
+        if got <= 0:
+            raise CheckpointError(f"unexpected end of file at byte {offset} computing a CRC-32")
+        crc = _crc32(view[:got], crc)
+        offset, nbytes = offset + got, nbytes - got
+    return crc
+
+
+def check_crcs(path: str | os.PathLike[str]) -> int:
+    """Check every storage record of a checkpoint file against its zip CRC-32 (records whose
+    CRC is 0, i.e. not recorded, are skipped); returns the number of bytes checked. Raises
+    CheckpointError naming the file and record."""
+    path = os.fspath(path)
+    checked = 0
+    try:
+        with open(path, "rb") as fh, zipfile.ZipFile(fh) as zf:
+            for info in zf.infolist():
+                if "/data/" not in info.filename or not info.CRC:
+                    continue
+                got = crc32_range(fh.fileno(), _local_data_offset(fh, info), info.file_size)
+                if got != info.CRC:
+                    raise CheckpointError(
+                        f"{path}: storage record {info.filename} fails its CRC-32 check (stored "
+                        f"{info.CRC:08x}, computed {got:08x}): the tensor bytes are corrupt; "
+                        "restore the file from a good copy"
+                    )
+                checked += info.file_size
+    except (zipfile.BadZipFile, OSError, struct.error) as exc:
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint file ({exc})") from exc
+    return checked
+
+
+def fill_crcs(path: str | os.PathLike[str]) -> None:
+    """Write the CRC-32 of every storage record of a file written by :func:`save` (whose bytes
+    were copied in afterwards) into its local header and its central directory entry, as
+    ``torch.save`` has them: ``unzip -t`` and any zip reader can check the file again."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        with open(fd, "rb", closefd=False) as fh, zipfile.ZipFile(fh) as zf:
+            infos, pos = zf.infolist(), zf.start_dir
+            for info in infos:
+                entry = pos
+                pos += 46 + len(info.filename.encode()) + len(info.extra) + len(info.comment)
+                if "/data/" not in info.filename:
+                    continue
+                crc = crc32_range(fd, _local_data_offset(fh, info), info.file_size)
+                raw = struct.pack("<I", crc)
+                if os.pread(fd, 4, entry) != b"PK\x01\x02":
+                    raise CheckpointError(f"{path}: unexpected central directory layout")
+                os.pwrite(fd, raw, info.header_offset + 14)
+                os.pwrite(fd, raw, entry + 16)
+    finally:
+        os.close(fd)
 
 
 def _identity(st: os.stat_result) -> tuple[int, ...]:
@@ -300,6 +398,19 @@ class TensorRef:
                 return False
             acc *= size
         return True
+
+    def overlaps(self) -> bool:
+        """Whether two indices address one element (an ``expand``-ed or stride-0 view): such a
+        tensor has more elements than bytes behind it, so it can only be written as a view."""
+        acc = 1
+        for size, st in sorted(
+            ((size, st) for size, st in zip(self.shape, self._stride, strict=True) if size > 1),
+            key=lambda p: p[1],
+        ):
+            if st < acc:
+                return True
+            acc = st * (size - 1) + acc
+        return False
 
     @property
     def file_offset(self) -> int | None:
@@ -465,6 +576,27 @@ def opaque(
 # reading
 
 
+_MAX_DIMS = 64  # torch's limit on tensor dims
+
+
+def _ints(value: Any, what: str, path: str) -> tuple[int, ...]:
+    """A tuple of plain ints from the pickle, refusing anything else before it is iterated (a
+    ``range(10**10)`` would otherwise be expanded)."""
+    if not isinstance(value, (tuple, list)) or len(value) > _MAX_DIMS:
+        raise CheckpointError(
+            f"{path}: a tensor's {what} is {type(value).__name__} "
+            f"{_clip(value)}, not a tuple of at most {_MAX_DIMS} ints; the file is damaged"
+        )
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise CheckpointError(f"{path}: a tensor's {what} {_clip(value)} holds non-integers")
+    return tuple(value)
+
+
+def _clip(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
 def _rebuild_tensor_v2(
     storage: StorageRef,
     storage_offset: int,
@@ -474,12 +606,36 @@ def _rebuild_tensor_v2(
     backward_hooks: Any = None,
     metadata: Any = None,
 ) -> TensorRef:
-    t = TensorRef(storage, storage_offset, size, stride, requires_grad)
-    extent = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True))
-    if t.numel() and storage_offset + extent > storage.numel:
+    """A tensor's geometry, checked as torch checks it on load (and more): offset, sizes and
+    strides are non-negative ints, and every element addressed lies inside its storage record,
+    whose bytes were checked against the file. Nothing downstream sees an impossible tensor."""
+    if not isinstance(storage, StorageRef):
+        raise CheckpointError(f"a tensor is rebuilt from {_clip(storage)}, not a storage")
+    path, where = storage.file.path if storage.file else "?", f"storage data/{storage.key}"
+    shape, strides = _ints(size, "shape", path), _ints(stride, "stride", path)
+    if len(shape) != len(strides):
         raise CheckpointError(
-            f"tensor of shape {tuple(t.shape)} at offset {storage_offset} does not fit its "
-            f"storage {storage.key} of {storage.numel} elements"
+            f"{path}: tensor on {where} has shape {shape} but strides {strides}; the file is "
+            "damaged"
+        )
+    if isinstance(storage_offset, bool) or not isinstance(storage_offset, int):
+        raise CheckpointError(f"{path}: tensor on {where} has offset {_clip(storage_offset)}")
+    bad = [v for v in (storage_offset, *shape, *strides) if v < 0]
+    if bad:
+        raise CheckpointError(
+            f"{path}: tensor on {where} has a negative offset, size or stride (offset "
+            f"{storage_offset}, shape {shape}, stride {strides}); torch refuses it, the file is "
+            "damaged"
+        )
+    t = TensorRef(storage, storage_offset, shape, strides, requires_grad)
+    if t.numel():
+        end = storage_offset + 1 + sum((s - 1) * st for s, st in zip(shape, strides, strict=True))
+    else:
+        end = storage_offset
+    if end > storage.numel:
+        raise CheckpointError(
+            f"{path}: tensor of shape {shape} (stride {strides}) at offset {storage_offset} "
+            f"reaches element {end} of {where}, which holds {storage.numel}; the file is damaged"
         )
     return t
 
@@ -511,21 +667,31 @@ _TORCH_FUNCS: dict[tuple[str, str], Any] = {
 class _Unpickler(pickle.Unpickler):
     def __init__(self, data: bytes, file: StoredFile, trusted: bool) -> None:
         super().__init__(io.BytesIO(data))
+        self.data = data
+        # What callables may build, beyond the objects the opcodes themselves hold (those are
+        # bounded by the pickle's size): generous for real checkpoints, far below a machine.
+        self.budget = UNPICKLE_BUDGET_BYTES + 64 * len(data)
+        self.spent = 0
         self.file = file
         self.trusted = trusted
         self.storages: dict[str, StorageRef] = {}  # views of one storage share one ref
 
     def find_class(self, module: str, name: str) -> Any:
+        # protocol 2 (torch.save's) names builtins as Python 2 did: map them as pickle does
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+        elif module in _compat_pickle.IMPORT_MAPPING:
+            module = _compat_pickle.IMPORT_MAPPING[module]
         key = (module, name)
         if key in _REAL:
-            return _REAL[key]
+            return self._budgeted(f"{module}.{name}", _REAL[key], _ITEM_BYTES.get(key, 8))
+        if key == ("torch", "Size"):
+            return self._budgeted("torch.Size", Size, 8)
         if key in _TORCH_FUNCS:
             return _TORCH_FUNCS[key]
         if key == ("torch.storage", "UntypedStorage"):
             return _BY_STORAGE["UntypedStorage"]
         if module == "torch":
-            if name == "Size":
-                return Size
             if name in _BY_STORAGE:
                 return _BY_STORAGE[name]  # storage class -> its dtype (for persistent ids)
             if name in DTYPES:
@@ -540,12 +706,48 @@ class _Unpickler(pickle.Unpickler):
             f"types DeepSpeed/Lightning checkpoints contain; {TRUST_HINT}"
         )
 
+    def _budgeted(self, name: str, fn: Any, item_bytes: int) -> Any:
+        """``fn`` charged against the unpickling budget before it runs: the size of what it
+        would build is known from its arguments (a count, or the length of a sized argument;
+        an unsized iterable is refused), so ``bytearray(1.5e9)`` or ``set(range(10**10))`` in a
+        1 MB file is refused instead of allocated."""
+
+        def call(*args: Any) -> Any:
+            count = 0
+            for a in args:
+                if isinstance(a, int) and not isinstance(a, bool):
+                    count += max(a, 0) if fn is bytearray else 1
+                elif isinstance(
+                    a, (str, bytes, bytearray, range, tuple, list, dict, set, frozenset)
+                ):
+                    count += len(a)
+                elif hasattr(a, "__iter__"):
+                    raise CheckpointError(
+                        f"{self.file.path}: data.pkl calls {name} on a {type(a).__name__}; the "
+                        "file is damaged or hostile"
+                    )
+            self.spent += count * item_bytes
+            if self.spent > self.budget:
+                raise CheckpointError(
+                    f"{self.file.path}: data.pkl would allocate over {self.budget >> 20} MiB "
+                    f"(at {name} of {count} items) for a {len(self.data) >> 10} KiB pickle; "
+                    "the file is damaged or hostile"
+                )
+            return fn(*args)
+
+        return call
+
     def persistent_load(self, pid: Any) -> StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise CheckpointError(f"{self.file.path}: unexpected persistent id {pid!r}")
         _, storage_dtype, key, _location, numel = pid
         if not isinstance(storage_dtype, DType):
             raise CheckpointError(f"{self.file.path}: unsupported storage type {storage_dtype!r}")
+        if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
+            raise CheckpointError(
+                f"{self.file.path}: storage data/{key} declares {_clip(numel)} elements; the "
+                "file is damaged"
+            )
         key = str(key)
         if key in self.storages:
             return self.storages[key]
@@ -588,21 +790,29 @@ def load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> Any
                 raise CheckpointError(f"{path}: not a torch checkpoint (no data.pkl record)")
             prefix = pkl[0].filename[: -len("data.pkl")]
             offsets: dict[str, tuple[int, int]] = {}
+            crcs: dict[str, int] = {}
             for info in infos:
                 rest = info.filename[len(prefix) :]
                 if info.filename.startswith(prefix) and rest.startswith("data/"):
                     if info.compress_type != zipfile.ZIP_STORED:
                         raise CheckpointError(f"{path}: record {info.filename} is compressed")
                     offsets[rest[5:]] = (_local_data_offset(fh, info), info.file_size)
+                    crcs[rest[5:]] = info.CRC
             st = os.fstat(fh.fileno())
             size = st.st_size
             for key, (off, n) in offsets.items():
                 if off + n > size:
                     raise CheckpointError(f"{path}: storage data/{key} runs past the end of file")
             data = zf.read(pkl[0])
-        return _Unpickler(data, StoredFile(path, offsets, _identity(st)), trust_checkpoint).load()
-    except CheckpointError:
-        raise
+        obj = _Unpickler(
+            data, StoredFile(path, offsets, _identity(st), crcs), trust_checkpoint
+        ).load()
+        _check_tree(obj, path)
+        return obj
+    except CheckpointError as exc:
+        if path in str(exc):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc  # raised where the file is not known
     except (zipfile.BadZipFile, EOFError, OSError, ValueError, struct.error) as exc:
         raise CheckpointError(
             f"{path}: truncated or corrupt checkpoint file ({type(exc).__name__}: {exc}); "
@@ -614,6 +824,65 @@ def load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> Any
         raise CheckpointError(
             f"{path}: cannot read checkpoint file ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def _children(obj: Any) -> Iterable[Any]:
+    if isinstance(obj, dict):
+        return [*obj.keys(), *obj.values()]
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return obj
+    if isinstance(obj, Opaque):
+        d = obj.__dict__
+        return [*d["args"], d["state"], *d["items"], *d["listitems"]]
+    if isinstance(obj, TensorRef):
+        return [obj.wrapper_state]
+    return ()
+
+
+def _check_tree(root: Any, path: str) -> None:
+    """Refuse an object tree nested deeper than :data:`MAX_NESTING`, referring to itself, or
+    larger than :data:`MAX_TREE_NODES` when walked as a tree. Iterative, so that the check
+    itself cannot exhaust the recursion limit; each object is walked once per depth increase."""
+    done: dict[int, tuple[int, int]] = {}  # id -> (height, tree size)
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:
+        obj, expanded = stack.pop()
+        oid = id(obj)
+        kids = _children(obj)
+        if not expanded:
+            if oid in done:
+                continue
+            if oid in on_path:
+                raise CheckpointError(f"{path}: data.pkl holds a container that contains itself")
+            if len(on_path) >= MAX_NESTING:
+                raise CheckpointError(
+                    f"{path}: data.pkl nests containers deeper than {MAX_NESTING} levels; the "
+                    "file is damaged or hostile"
+                )
+            if not kids:
+                done[oid] = (0, 1)
+                continue
+            on_path.add(oid)
+            stack.append((obj, True))
+            stack.extend((k, False) for k in kids)
+            continue
+        on_path.discard(oid)
+        height, size = 0, 1
+        for k in kids:
+            h, n = done[id(k)]
+            height, size = max(height, h + 1), size + n
+        if height > MAX_NESTING:
+            raise CheckpointError(
+                f"{path}: data.pkl nests containers deeper than {MAX_NESTING} levels; the "
+                "file is damaged or hostile"
+            )
+        if size > MAX_TREE_NODES:
+            raise CheckpointError(
+                f"{path}: data.pkl's object tree has over {MAX_TREE_NODES} elements counting "
+                "shared references; the file is damaged or hostile"
+            )
+        done[oid] = (height, size)
 
 
 # --------------------------------------------------------------------------------------------

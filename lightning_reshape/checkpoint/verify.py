@@ -24,6 +24,8 @@ from lightning_reshape.checkpoint.manifest import (
 )
 from lightning_reshape.checkpoint.reader import ShardReader, load_entry, read_manifest
 from lightning_reshape.checkpoint.safe_load import safe_load
+from lightning_reshape.checkpoint.sidecar import TPSplit, read_sidecar
+from lightning_reshape.checkpoint.torchfile import check_crcs
 
 __all__ = ["verify"]
 
@@ -78,9 +80,14 @@ def verify(
     trust: bool = False,
     limit: int | None = None,
 ) -> list[str]:
-    """Differences between the logical content of checkpoints ``a`` and ``b`` (empty: equal)."""
+    """Differences between the logical content of checkpoints ``a`` and ``b`` (empty: equal):
+    tensors, non-tensor state, each tensor's tensor-parallel split as far as ``a`` knows it,
+    and every tensor record's CRC-32 in both (a corrupt record is an error, not a difference)."""
     ma = read_manifest(a, trust_checkpoint=trust)
     mb = read_manifest(b, trust_checkpoint=trust)
+    for m in (ma, mb):  # bytes compared below must be the bytes that were saved
+        for file in m.files:
+            check_crcs(os.path.join(m.root, file))
     diffs: list[str] = []
 
     def add(msg: str) -> bool:
@@ -110,6 +117,15 @@ def verify(
                 n = int((_bits(ta) != _bits(tb)).sum())
                 if add(f"{label}: {n} bytes differ"):
                     return diffs
+    sa, sb = _split_record(ma), _split_record(mb)
+    for name in sa:
+        if name not in sb:
+            if add(f"{name}: tensor-parallel split {_split_text(sa[name])} recorded in a only"):
+                return diffs
+        elif sa[name] != sb[name]:
+            what = f"{_split_text(sa[name])} vs {_split_text(sb[name])}"
+            if add(f"{name}: tensor-parallel split {what}"):
+                return diffs
     if _steps(ma) != _steps(mb):
         if add(f"optimizer scalar state: {_steps(ma)} vs {_steps(mb)}"):
             return diffs
@@ -134,6 +150,20 @@ def verify(
             if add(f"{name}: {_short(va)} vs {_short(vb)}"):
                 return diffs
     return diffs
+
+
+def _split_record(m: Manifest) -> dict[str, TPSplit | None]:
+    """How each tensor is split across tp ranks, as far as ``m`` knows it: from its tp shards
+    (tp > 1), else from its sidecar. A later reshape needs this, so a reshape that drops it
+    (verify(a, b): known in a, not in b) or changes it has lost information."""
+    if m.topology.tp > 1:
+        return {e.name: e.tp_split for e in m.tensors if e.role != ROLE_OPTIM}
+    sidecar = read_sidecar(m.root)
+    return dict(sidecar.tp_splits) if sidecar is not None else {}
+
+
+def _split_text(split: TPSplit | None) -> str:
+    return "replicated" if split is None else f"dim {split.dim} stride {split.stride}"
 
 
 def _main_file(m: Manifest) -> str:

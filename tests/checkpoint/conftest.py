@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,31 @@ def _generate(root: Path, world: int) -> Path:
     return out
 
 
+class _LazyWorlds(Mapping[int, Path]):
+    """{world size: save folder}, each world launched on first use only: a test that needs the
+    dp-2 checkpoints does not pay for the dp-1 and dp-4 launches."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._done: dict[int, Path] = {}
+
+    def __getitem__(self, world: int) -> Path:
+        if world not in ZERO_SPECS:
+            raise KeyError(world)
+        if world not in self._done:
+            self._done[world] = _generate(self._root, world)
+        return self._done[world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(ZERO_SPECS)
+
+    def __len__(self) -> int:
+        return len(ZERO_SPECS)
+
+
 @pytest.fixture(scope="session")
-def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Mapping[int, Path]:
     """{world size: folder holding one save directory per RunSpec name}."""
     root = tmp_path_factory.mktemp("ds_ckpts")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return {world: _generate(root, world) for world in (1, 2, 4)}
+    return _LazyWorlds(root)
