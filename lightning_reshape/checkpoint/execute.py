@@ -526,6 +526,8 @@ def finalize_output(plan: Plan, dst: str | os.PathLike[str], tag: str, *, latest
     tmp = final / f"{COMPLETE_MARKER}.tmp"
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, final / COMPLETE_MARKER)
+    # a finished copy carries one marker: the partial one only told an interrupted run apart
+    (final / PARTIAL_MARKER).unlink(missing_ok=True)
     if latest:
         tmp_latest = dst / ".latest.tmp"
         tmp_latest.write_text(tag)
