@@ -1,4 +1,4 @@
-"""The ``lightning-reshape`` command: ``groups``, ``inspect``, ``convert`` and ``verify``.
+"""The ``lightning-reshape`` command: ``groups``, ``inspect``, ``convert``, ``verify``, ``export``.
 
 Every error from bad input is one line on stderr and exit code 2.
 """
@@ -57,12 +57,20 @@ def _tp_rule(text: str) -> object:
         ) from None
 
 
+DESCRIPTION = (
+    "Inspect, reshape (new tp / pp / dp / ZeRO stage), compare and export DeepSpeed checkpoints "
+    "without starting DeepSpeed, and print the rank groups of a parallel layout."
+)
+SRC_HELP = (
+    "the checkpoint: a Lightning X.ckpt folder, a DeepSpeed save folder (with 'latest', or "
+    "holding a single tag folder such as Hugging Face's checkpoint-N/global_stepN), or a tag "
+    "folder itself"
+)
+TRUST_HELP = "allow pickled types outside the allow-list (runs code from the file)"
+
+
 def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="allow pickled types outside the allow-list (runs code from the file)",
-    )
+    parser.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     parser.add_argument(
         "--tp-rule",
         type=_tp_rule,
@@ -75,34 +83,72 @@ def _add_checkpoint_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="lightning-reshape", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="lightning-reshape", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    groups = sub.add_parser("groups", help="print the rank groups of a parallel layout")
-    groups.add_argument("--world-size", type=_positive_int, required=True)
-    for axis in ("tp", "pp", "cp", "ep"):
-        groups.add_argument(f"--{axis}", type=_positive_int, default=1)
-    groups.add_argument("--etp", type=_positive_int, default=None, help="default: tp")
-    groups.add_argument("--order", default=DEFAULT_ORDER, help=f"default: {DEFAULT_ORDER}")
-    groups.add_argument("--json", action="store_true", help="one JSON object keyed by token")
+    groups = sub.add_parser(
+        "groups",
+        help="print the rank groups of a parallel layout",
+        description="Print which ranks form each group (tp, pp, dp, cp, ep, ...) of a layout.",
+    )
+    groups.add_argument(
+        "--world-size", type=_positive_int, required=True, help="total number of ranks"
+    )
+    for axis, what in (
+        ("tp", "tensor"),
+        ("pp", "pipeline"),
+        ("cp", "context"),
+        ("ep", "expert"),
+    ):
+        groups.add_argument(
+            f"--{axis}", type=_positive_int, default=1, help=f"{what}-parallel degree (default 1)"
+        )
+    groups.add_argument(
+        "--etp",
+        type=_positive_int,
+        default=None,
+        help="tensor-parallel degree inside experts (default: --tp)",
+    )
+    groups.add_argument(
+        "--order",
+        default=DEFAULT_ORDER,
+        help=f"rank order, fastest-varying axis first, Megatron style (default {DEFAULT_ORDER})",
+    )
+    groups.add_argument("--json", action="store_true", help="one JSON object keyed by group kind")
     groups.add_argument(
         "--max-groups", type=_positive_int, default=16, help="groups shown per kind in the table"
     )
     groups.set_defaults(run=_run_groups)
 
-    inspect = sub.add_parser("inspect", help="describe a DeepSpeed checkpoint")
-    inspect.add_argument("path")
-    inspect.add_argument("--json", action="store_true")
+    inspect = sub.add_parser(
+        "inspect",
+        help="describe a DeepSpeed checkpoint",
+        description="Describe a checkpoint: layout, ZeRO stage, tensors, steps. "
+        "Reads metadata only.",
+    )
+    inspect.add_argument("path", help=SRC_HELP)
+    inspect.add_argument("--json", action="store_true", help="the report as JSON")
     _add_checkpoint_options(inspect)
     inspect.set_defaults(run=_run_inspect)
 
-    convert = sub.add_parser("convert", help="reshape a DeepSpeed checkpoint to a new layout")
-    convert.add_argument("src", help="Lightning X.ckpt dir, DeepSpeed save dir or tag folder")
-    convert.add_argument("dst", help="output save dir (gets <tag>/ and latest)")
-    convert.add_argument("--tp", type=_positive_int, required=True)
-    convert.add_argument("--pp", type=_positive_int, default=1)
-    convert.add_argument("--dp", type=_positive_int, required=True)
-    convert.add_argument("--zero-stage", type=int, default=None, help="default: the source's")
+    convert = sub.add_parser(
+        "convert",
+        help="reshape a DeepSpeed checkpoint to a new layout",
+        description="Write a copy of a checkpoint at a new (tp, pp, dp, ZeRO stage) that stock "
+        "DeepSpeed loads. Axes left out keep the source's degree. The source is never modified.",
+    )
+    convert.add_argument("src", help=SRC_HELP)
+    convert.add_argument("dst", help="output save folder (gets the tag folder and 'latest')")
+    for axis, what in (("tp", "tensor"), ("pp", "pipeline"), ("dp", "data")):
+        convert.add_argument(
+            f"--{axis}",
+            type=_positive_int,
+            default=None,
+            help=f"target {what}-parallel degree (default: the source's)",
+        )
+    convert.add_argument(
+        "--zero-stage", type=int, default=None, help="target ZeRO stage (default: the source's)"
+    )
     convert.add_argument(
         "--pp-partition",
         default="parameters",
@@ -125,7 +171,7 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="REGEX=DIM[:STRIDE]|REGEX=replicated",
         help="tensor-parallel split of matching parameters (repeatable)",
     )
-    convert.add_argument("--trust-checkpoint", action="store_true")
+    convert.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     convert.add_argument("--quiet", action="store_true", help="no progress bar")
     convert.add_argument(
         "--no-crc-check",
@@ -135,12 +181,54 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     convert.set_defaults(run=_run_convert)
 
-    verify = sub.add_parser("verify", help="compare two checkpoints' logical content bit for bit")
-    verify.add_argument("a")
-    verify.add_argument("b")
-    verify.add_argument("--max-differences", type=_positive_int, default=20)
-    verify.add_argument("--trust-checkpoint", action="store_true")
+    verify = sub.add_parser(
+        "verify",
+        help="compare two checkpoints' logical content bit for bit",
+        description="Compare the logical content (fp32 masters, optimizer states, buffers, "
+        "steps, client state) of two checkpoints of any layouts, bit for bit. Exit 0: equal.",
+    )
+    verify.add_argument("a", help="first checkpoint (same forms as for inspect)")
+    verify.add_argument("b", help="second checkpoint")
+    verify.add_argument(
+        "--max-differences", type=_positive_int, default=20, help="stop after this many"
+    )
+    verify.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     verify.set_defaults(run=_run_verify)
+
+    export = sub.add_parser(
+        "export",
+        help="write the full model weights as safetensors (or torch) files",
+        description="Write the full weights of any layout (tp, pp, ZeRO) into a new folder, as "
+        "Hugging Face does: model.safetensors, or shards with model.safetensors.index.json. "
+        "Names are the module's state_dict names (tied and frozen parameters and buffers "
+        "included); fp32 masters are used where the optimizer holds them. One tensor at a time "
+        "is in memory.",
+    )
+    export.add_argument("src", help=SRC_HELP)
+    export.add_argument("out", help="output folder (must not exist, or be empty)")
+    export.add_argument(
+        "--format",
+        choices=("safetensors", "torch"),
+        default="safetensors",
+        help="safetensors (default) or torch (pytorch_model.bin; one shard in memory at a time)",
+    )
+    export.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="dtype of floating tensors (default fp32)",
+    )
+    export.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        help="largest file before splitting into shards with an index (default 5GB)",
+    )
+    export.add_argument(
+        "--tag", default=None, help="tag to read (default: 'latest', or the only tag folder)"
+    )
+    _add_checkpoint_options(export)
+    export.add_argument("--quiet", action="store_true", help="no progress bar")
+    export.set_defaults(run=_run_export)
     return parser
 
 
@@ -202,6 +290,25 @@ def _run_convert(args: argparse.Namespace) -> int:
         check_crc=not args.no_crc_check,
     )
     print(f"wrote {out}")
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from lightning_reshape.checkpoint.export import export_checkpoint
+
+    out = export_checkpoint(
+        args.src,
+        args.out,
+        fmt=args.format,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        tag=args.tag,
+        trust=args.trust_checkpoint,
+        tp_rules=args.tp_rule,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
+    files = sorted(p.name for p in out.iterdir())
+    print(f"wrote {out} ({', '.join(files)})")
     return 0
 
 

@@ -8,7 +8,9 @@ folder) that stock ``engine.load_checkpoint(dst)`` loads, optimizer states inclu
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import stat
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,11 +25,12 @@ from lightning_reshape.checkpoint.execute import (
     write_plan,
 )
 from lightning_reshape.checkpoint.plan import Plan, Target, build_plan, read_source_meta
-from lightning_reshape.checkpoint.reader import TPRule, read_manifest
+from lightning_reshape.checkpoint.reader import TPRule, read_manifest, refuse_elastic
 from lightning_reshape.errors import CheckpointError
 
 __all__ = [
     "convert_checkpoint",
+    "copy_recovery_script",
     "plan_conversion",
     "execute_plan",
     "prepare_output",
@@ -38,24 +41,37 @@ __all__ = [
     "check_destination",
 ]
 
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
 
 def plan_conversion(
     src: str | os.PathLike[str],
     *,
-    tp: int,
-    pp: int = 1,
-    dp: int,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
     zero_stage: int | None = None,
     source_tag: str | None = None,
     trust: bool = False,
     tp_rules: Sequence[TPRule] | None = None,
     pp_partition: str = "parameters",
 ) -> Plan:
-    """Read ``src``'s metadata and plan the reshape (no data is read or written)."""
+    """Read ``src``'s metadata and plan the reshape (no data is read or written).
+
+    An axis or stage left as None keeps the source's degree.
+    """
     manifest = read_manifest(src, tag=source_tag, trust_checkpoint=trust, tp_rules=tp_rules or ())
+    refuse_elastic(manifest)
     meta = read_source_meta(manifest)
-    stage = manifest.topology.zero_stage if zero_stage is None else zero_stage
-    target = Target(tp, pp, dp, stage, pp_partition)
+    src_topo = manifest.topology
+    stage = src_topo.zero_stage if zero_stage is None else zero_stage
+    target = Target(
+        src_topo.tp if tp is None else tp,
+        src_topo.pp if pp is None else pp,
+        src_topo.dp if dp is None else dp,
+        stage,
+        pp_partition,
+    )
     return build_plan(manifest, meta, target, tp_rules=tp_rules or ())
 
 
@@ -63,9 +79,9 @@ def convert_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
     *,
-    tp: int,
-    pp: int = 1,
-    dp: int,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
     zero_stage: int | None = None,
     tag: str | None = None,
     trust: bool = False,
@@ -76,6 +92,8 @@ def convert_checkpoint(
     check_crc: bool = True,
 ) -> Path:
     """Write ``src`` reshaped to (tp, pp, dp, zero_stage) as an engine save dir at ``dst``.
+
+    Axes and stage left as None keep the source's.
 
     ``pp_partition`` is the target PipelineModule's ``partition_method`` ("parameters",
     "uniform" or boundaries "0,3,6"). The tag is the source's unless ``tag`` is given;
@@ -102,7 +120,7 @@ def convert_checkpoint(
     check_destination(dst, source=(src, plan.source_root))
     src_save_dir = Path(plan.source_root).parent.resolve()
     latest = Path(dst).resolve() != src_save_dir
-    return write_plan(
+    out = write_plan(
         plan,
         dst,
         out_tag,
@@ -111,6 +129,8 @@ def convert_checkpoint(
         latest=latest,
         check_crc=check_crc,
     )
+    copy_recovery_script(dst)
+    return out
 
 
 def check_destination(
@@ -142,3 +162,28 @@ def check_destination(
                 f"{dst}: lies inside the source checkpoint {tree}; the source is never "
                 "modified: write the reshaped copy outside it"
             )
+
+
+def copy_recovery_script(save_dir: str | os.PathLike[str]) -> list[Path]:
+    """Put DeepSpeed's ``zero_to_fp32.py`` (and ``zero_to_torch.py`` where the installed version
+    has it) beside the output, as every stock ZeRO save does; returns the files written.
+
+    Why: users expect it next to ``latest`` to consolidate weights without our package. Found
+    through the installed package's location (DeepSpeed is not imported); existing files are
+    left alone, and without DeepSpeed installed nothing is copied.
+    """
+    spec = importlib.util.find_spec("deepspeed")
+    if spec is None or not spec.submodule_search_locations:
+        return []
+    utils = Path(next(iter(spec.submodule_search_locations))) / "utils"
+    written = []
+    for name in RECOVERY_SCRIPTS:
+        script, dst = utils / name, Path(save_dir) / name
+        if not script.is_file() or dst.exists():
+            continue
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        shutil.copyfile(script, tmp)
+        os.chmod(tmp, 0o755)  # stock saves make them executable too
+        os.replace(tmp, dst)
+        written.append(dst)
+    return written

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lightning_reshape.checkpoint.manifest import ROLE_FP32, ROLE_OPTIM, Manifest, TensorEntry
-from lightning_reshape.checkpoint.reader import ShardReader, read_manifest
+from lightning_reshape.checkpoint.reader import ShardReader, read_manifest, refuse_elastic
 from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.checkpoint.zero_layout import Fragment, zero_group_layout
 from lightning_reshape.errors import CheckpointError
@@ -88,6 +88,7 @@ def fill_zero12_optimizer(engine: Any, manifest: Manifest, *, tp_rank: int = 0) 
             f"{manifest.root}: direct load needs a ZeRO 1/2 checkpoint at pp=1, found "
             f"wrapper {manifest.optimizer_wrapper!r} at pp={manifest.topology.pp}"
         )
+    refuse_elastic(manifest)
     opt = engine.optimizer
     by_key = {e.key: e for e in manifest.tensors}
     zcfg = (getattr(engine, "config", None) or {}).get("zero_optimization") or {}

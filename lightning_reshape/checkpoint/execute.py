@@ -849,6 +849,8 @@ def finalize_output(
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, part / COMPLETE_MARKER)
+        # a finished copy carries one marker: the partial one only told an interrupted run apart
+        (part / PARTIAL_MARKER).unlink(missing_ok=True)
         _fsync_dir(part)
         os.replace(part, final)
         _fsync_dir(dst)

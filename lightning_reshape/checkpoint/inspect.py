@@ -80,6 +80,7 @@ def manifest_report(manifest: Manifest, top: int = 10) -> dict[str, Any]:
         "ds_version": manifest.ds_version,
         "zero_stage": topo.zero_stage,
         "optimizer_wrapper": manifest.optimizer_wrapper,
+        "elastic_checkpoint": bool(manifest.extra.get("elastic_checkpoint")),
         "dtype": manifest.model_dtype,
         "topology": {"tp": topo.tp, "pp": topo.pp, "dp": topo.dp, "source": topo.source},
         "parameters": {
@@ -136,7 +137,12 @@ def format_inspect(report: dict[str, Any]) -> str:
     rows = [
         ("path", report["path"]),
         ("format", f"{report['format']} (tag {report['tag']}, deepspeed {report['ds_version']})"),
-        ("zero stage", f"{report['zero_stage']} ({report['optimizer_wrapper']})"),
+        (
+            "zero stage",
+            f"{report['zero_stage']} ({report['optimizer_wrapper']}"
+            + (", elastic_checkpoint" if report.get("elastic_checkpoint") else "")
+            + ")",
+        ),
         ("dtype", report["dtype"]),
         ("topology", f"tp={topo['tp']} pp={topo['pp']} dp={topo['dp']} (from {topo['source']})"),
         (

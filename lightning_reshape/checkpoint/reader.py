@@ -45,6 +45,7 @@ __all__ = [
     "load_entry",
     "consolidate_fp32",
     "consolidate_optimizer_states",
+    "refuse_elastic",
 ]
 
 MODEL_RE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -163,10 +164,12 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
             os.path.join(os.path.dirname(parent), "latest")
         ):
             hint = os.path.dirname(parent)
-        raise CheckpointError(
-            f"{path}: is a single file; a DeepSpeed checkpoint is a directory. "
-            f"Pass the checkpoint directory instead: {hint}"
-        )
+        if _is_tag_dir(parent):
+            raise CheckpointError(
+                f"{path}: is a single file; a DeepSpeed checkpoint is a directory. "
+                f"Pass the checkpoint directory instead: {hint}"
+            )
+        raise CheckpointError(f"{path}: {_describe_single_file(path)}")
     latest = os.path.join(path, "latest")
     if tag is None and os.path.isfile(latest):
         try:
@@ -206,14 +209,72 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
     if not entries:
         raise CheckpointError(f"{path}: is an empty directory, not a DeepSpeed checkpoint")
     tags = [e for e in entries if _is_tag_dir(os.path.join(path, e))]
+    if len(tags) == 1:
+        # e.g. Hugging Face Trainer's checkpoint-N/global_stepN copied without `latest`
+        return CheckpointLocation(
+            layout="deepspeed", tag_dir=os.path.join(path, tags[0]), tag=tags[0], save_dir=path
+        )
     if tags:
         raise CheckpointError(
             f"{path}: has no 'latest' file; pass one tag folder instead, e.g. "
             f"{os.path.join(path, tags[-1])} (tags present: {', '.join(tags)})"
         )
+    # e.g. a Hugging Face Trainer output_dir holding checkpoint-N/global_stepN folders
+    saves = [e for e in entries if _holds_tag_dir(os.path.join(path, e))]
+    if saves:
+        raise CheckpointError(
+            f"{path}: is a folder of saves, not one checkpoint; pass one of them, e.g. "
+            f"{os.path.join(path, saves[-1])} (saves present: {', '.join(saves)})"
+        )
     raise CheckpointError(
         f"{path}: is not a DeepSpeed checkpoint (no 'latest' file, no *_model_states.pt files); "
         "pass a Lightning X.ckpt directory, a DeepSpeed save directory or a tag folder"
+    )
+
+
+def _holds_tag_dir(path: str) -> bool:
+    try:
+        return os.path.isdir(path) and any(
+            _is_tag_dir(os.path.join(path, e)) for e in os.listdir(path)
+        )
+    except OSError:
+        return False
+
+
+def _describe_single_file(path: str) -> str:
+    """What a single file passed as a DeepSpeed checkpoint is, and what to do instead.
+
+    Why: a plain Lightning ``.ckpt`` (saved without DeepSpeed) is a common mistake; the pickle
+    is scanned for Lightning's marker key, never unpickled.
+    """
+    import zipfile
+
+    lightning = False
+    try:
+        with zipfile.ZipFile(path) as zf:
+            pkl = next((n for n in zf.namelist() if n.endswith("/data.pkl")), None)
+            if pkl is not None:
+                with zf.open(pkl) as fh:
+                    lightning = b"pytorch-lightning_version" in fh.read(1 << 20)
+            is_torch = pkl is not None
+    except (OSError, zipfile.BadZipFile):
+        is_torch = False
+    if lightning:
+        return (
+            "is a plain Lightning checkpoint (one file, saved without DeepSpeed), not a DeepSpeed "
+            "checkpoint directory, so there is no layout to reshape. To start a DeepSpeed run "
+            "from its weights, load them into the model before fit "
+            "(model.load_state_dict(torch.load(path)['state_dict'])) and leave ckpt_path unset, "
+            "or resume it with the strategy it was saved with"
+        )
+    if is_torch:
+        return (
+            "is a single torch file, not a DeepSpeed checkpoint directory; pass the folder "
+            "DeepSpeed saved (holding 'latest' and a tag folder with *_model_states.pt files)"
+        )
+    return (
+        "is a single file, not a DeepSpeed checkpoint; pass the folder DeepSpeed saved "
+        "(holding 'latest' and a tag folder with *_model_states.pt files)"
     )
 
 
@@ -479,6 +540,22 @@ def consolidate_optimizer_states(manifest: Manifest) -> dict[str, dict[str, torc
     return out
 
 
+def refuse_elastic(manifest: Manifest) -> None:
+    """One clear error for reshaping a ``zero_optimization.elastic_checkpoint`` save.
+
+    Why: such files hold per-group optimizer states without the torch optimizer's
+    ``param_groups`` (hyperparameters), which every target file needs; inspect and export read
+    them, but a reshaped copy would have to invent those values.
+    """
+    if manifest.extra.get("elastic_checkpoint"):
+        raise CheckpointError(
+            f"{manifest.root}: saved with zero_optimization.elastic_checkpoint=true (optimizer "
+            "state without param_groups), which cannot be reshaped; DeepSpeed itself loads it "
+            "at another dp with elastic_checkpoint=true: do that, save again with "
+            "elastic_checkpoint=false, then reshape (export reads it as it is)"
+        )
+
+
 # --------------------------------------------------------------------------------------------
 # building the manifest
 
@@ -553,6 +630,7 @@ class _Builder:
         self.tie_owner: dict[tuple[str, str, str | None], int | None] = {}
         self.validated: set[str] = set()
         self.last_file = ""  # the file read last: named when a malformed one slips through
+        self.elastic = False  # ZeRO 1/2 saved with zero_optimization.elastic_checkpoint
 
     def path(self, file: str) -> str:
         return os.path.join(self.tag_dir, file)
@@ -1003,6 +1081,7 @@ def _build(b: _Builder) -> Manifest:
         trusted=b.trust,
         extra={
             "bf16_prefixed_files": f.bf16_prefix,
+            "elastic_checkpoint": b.elastic,
             "frozen": tuple(sorted(b.frozen)),
             "client_summary": {k: _summary(first[k]) for k in client_keys},
             "client_scalars": {
@@ -1272,11 +1351,19 @@ def _zero12_optim(
             file = f.optim[(dp, mp)]
             osd = sd["optimizer_state_dict"]
             flat = parts[dp][0]
-            base_state = osd["base_optimizer_state"]["state"]
+            base = osd["base_optimizer_state"]
+            if isinstance(base, Mapping):
+                base_state = base["state"]
+                state_prefix: KeyPath = ("optimizer_state_dict", "base_optimizer_state", "state")
+            else:
+                # zero_optimization.elastic_checkpoint: a list of per-group states (padding
+                # stripped, no param_groups) instead of the torch optimizer's state_dict
+                b.elastic = True
+                base_state = dict(enumerate(base))
+                state_prefix = ("optimizer_state_dict", "base_optimizer_state")
             flat_keys, scalar_keys = _flat_state_keys(base_state, g, flat.numel())
             _record_scalars(
-                b, base_state[g], scalar_keys, mp, g, file,
-                ("optimizer_state_dict", "base_optimizer_state", "state", g), steps_seen,
+                b, base_state[g], scalar_keys, mp, g, file, (*state_prefix, g), steps_seen,
             )  # fmt: skip
             lo, hi = dp * psize, dp * psize + flat.numel()
             for name, (poff, n, shape_t) in offsets.items():
@@ -1311,7 +1398,7 @@ def _zero12_optim(
                         k,
                         Piece(
                             file=file,
-                            key=("optimizer_state_dict", "base_optimizer_state", "state", g, k),
+                            key=(*state_prefix, g, k),
                             **common,
                         ),
                         base_state[g][k].dtype,

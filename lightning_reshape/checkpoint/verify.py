@@ -4,7 +4,8 @@ Why: a reshape is only trustworthy if the state it moved is exactly the state it
 checkpoints of the same training state at different (tp, pp, dp, ZeRO stage) must hold the same
 logical tensors (fp32 masters, every optimizer state, buffers, frozen weights) bit for bit and the
 same non-tensor state (optimizer step counters, loss scaler, lr scheduler, global steps, client
-state). One logical tensor is in memory at a time.
+state). One logical tensor is in memory at a time. Like ``convert``, it reads torch's file
+format itself and compares raw bytes: neither torch nor DeepSpeed is imported.
 """
 
 from __future__ import annotations
@@ -13,19 +14,18 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
-
+from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
     ROLE_OPTIM,
     ROLE_PARAM,
     Manifest,
+    TensorEntry,
 )
-from lightning_reshape.checkpoint.reader import ShardReader, load_entry, read_manifest
-from lightning_reshape.checkpoint.safe_load import safe_load
+from lightning_reshape.checkpoint.reader import ShardReader, read_manifest
 from lightning_reshape.checkpoint.sidecar import TPSplit, read_sidecar
-from lightning_reshape.checkpoint.torchfile import check_crcs
+from lightning_reshape.checkpoint.torchfile import Opaque, TensorRef, check_crcs, is_tensor
 
 __all__ = ["verify"]
 
@@ -33,26 +33,78 @@ __all__ = ["verify"]
 _CARRIED = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps", "data_sampler")
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+def _ref_bytes(t: TensorRef) -> bytes:
+    """A stored tensor's bytes in logical order, read from its file (torch only for the rare
+    non-contiguous tensor)."""
+    size = t.element_size()
+    if t.is_contiguous() and t.file_offset is not None and t.storage.file is not None:
+        fd = t.storage.file.open()
+        try:
+            return os.pread(fd, t.numel() * size, t.file_offset)
+        finally:
+            os.close(fd)
+    import torch
+
+    return t.to_torch().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _same(x: Any, y: Any) -> bool:
-    if torch.is_tensor(x) or torch.is_tensor(y):
+    """Equal values, tensors by dtype, shape and bits."""
+    if is_tensor(x) or is_tensor(y):
         return (
-            torch.is_tensor(x)
-            and torch.is_tensor(y)
+            is_tensor(x)
+            and is_tensor(y)
             and x.dtype == y.dtype
-            and x.shape == y.shape
-            and torch.equal(_bits(x), _bits(y))
+            and tuple(x.shape) == tuple(y.shape)
+            and _ref_bytes(x) == _ref_bytes(y)
         )
+    if isinstance(x, Opaque) or isinstance(y, Opaque):
+        return type(x) is type(y) and _same(dict(vars(x)), dict(vars(y)))
     if isinstance(x, Mapping) and isinstance(y, Mapping):
         return list(x) == list(y) and all(_same(x[k], y[k]) for k in x)
     if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
         return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y, strict=True))
-    if type(x).__module__.startswith("deepspeed"):
-        return type(x) is type(y) and vars(x) == vars(y)
     return bool(x == y)
+
+
+def _assemble_tp(shards: list[Any], split: TPSplit | None) -> Any:
+    """Join tp shards (numpy arrays of raw element bits) as the tensor's split describes."""
+    import numpy as np
+
+    if split is None or len(shards) == 1:
+        return shards[0]
+    if split.stride == 1:
+        return np.concatenate(shards, axis=split.dim)
+    chunks = [np.split(s, split.stride, axis=split.dim) for s in shards]
+    return np.concatenate([c[i] for i in range(split.stride) for c in chunks], axis=split.dim)
+
+
+def _entry_bytes(entry: TensorEntry, reader: ShardReader) -> bytes:
+    """One logical tensor's bytes (global shape, C order), without torch: every element is
+    moved as raw bits, so the comparison is bit for bit for any dtype."""
+    import numpy as np
+
+    size = torchfile.dtype(entry.dtype).itemsize
+    by_rank: dict[int, list[Any]] = {}
+    for p in entry.pieces:
+        by_rank.setdefault(p.tp_rank, []).append(p)
+    ranks = sorted(by_rank) if entry.tp_split is not None else sorted(by_rank)[:1]
+    shards = []
+    for rank in ranks:
+        pieces = by_rank[rank]
+        local_shape = pieces[0].local_shape
+        numel = 1
+        for d in local_shape:
+            numel *= d
+        buf = bytearray(numel * size)
+        for p in pieces:
+            buf[p.dst_offset * size : (p.dst_offset + p.numel) * size] = reader.read_bytes(
+                p, p.src_offset, p.numel
+            )
+        if len(ranks) == 1:
+            return bytes(buf)
+        shards.append(np.frombuffer(bytes(buf), dtype=f"V{size}").reshape(local_shape))
+    return np.ascontiguousarray(_assemble_tp(shards, entry.tp_split)).tobytes()
 
 
 def _logical_keys(m: Manifest) -> dict[tuple[str, str, str | None], Any]:
@@ -112,9 +164,9 @@ def verify(
                 if add(f"{label}: {ea.dtype}{list(ea.shape)} vs {eb.dtype}{list(eb.shape)}"):
                     return diffs
                 continue
-            ta, tb = load_entry(ea, ra), load_entry(eb, rb)
-            if not _same(ta, tb):
-                n = int((_bits(ta) != _bits(tb)).sum())
+            ba, bb = _entry_bytes(ea, ra), _entry_bytes(eb, rb)
+            if ba != bb:
+                n = sum(1 for x, y in zip(ba, bb, strict=True) if x != y)
                 if add(f"{label}: {n} bytes differ"):
                     return diffs
     sa, sb = _split_record(ma), _split_record(mb)
@@ -130,8 +182,8 @@ def verify(
         if add(f"optimizer scalar state: {_steps(ma)} vs {_steps(mb)}"):
             return diffs
     # non-tensor state of the first model file, and the optimizer's global state
-    fa = safe_load(os.path.join(ma.root, _main_file(ma)), trust_checkpoint=trust)
-    fb = safe_load(os.path.join(mb.root, _main_file(mb)), trust_checkpoint=trust)
+    fa = torchfile.load(os.path.join(ma.root, _main_file(ma)), trust_checkpoint=trust)
+    fb = torchfile.load(os.path.join(mb.root, _main_file(mb)), trust_checkpoint=trust)
     for k in (*_CARRIED, *sorted(set(ma.client_state_keys) | set(mb.client_state_keys))):
         if (k in fa) != (k in fb):
             if add(f"{k}: only in {'a' if k in fa else 'b'}"):
@@ -174,7 +226,7 @@ def _main_file(m: Manifest) -> str:
 
 
 def _load_ref(m: Manifest, file: str, key: tuple[Any, ...], trust: bool) -> Any:
-    obj = safe_load(os.path.join(m.root, file), trust_checkpoint=trust)
+    obj = torchfile.load(os.path.join(m.root, file), trust_checkpoint=trust)
     for k in key:
         obj = obj[k]
     return obj

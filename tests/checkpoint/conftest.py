@@ -44,6 +44,22 @@ PP_SPECS = {
     4: [RunSpec("pp_z1", 1, "adagrad")],
 }
 
+# Shapes real users bring (issue 12): elastic_checkpoint saves, Hugging Face Trainer-style
+# checkpoint-N/global_stepN folders without `latest` (bf16 files), custom tags.
+USER_SPECS = [
+    RunSpec("elastic_z1", 1, "adam", extra={"elastic": True}),
+    RunSpec("elastic_z2", 2, "adamw", extra={"elastic": True}),
+    RunSpec(
+        "hf",
+        2,
+        "adamw",
+        "bf16",
+        steps=3,
+        extra={"subdir": "checkpoint-3", "tag": "global_step3", "save_latest": False},
+    ),
+    RunSpec("custom_tag", 3, "adam", extra={"tag": "my-run_final", "save_latest": False}),
+]
+
 
 def _generate(root: Path, world: int) -> Path:
     out = root / f"w{world}"
@@ -87,3 +103,11 @@ def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Mapping[int, Path]:
     root = tmp_path_factory.mktemp("ds_ckpts")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     return _LazyWorlds(root)
+
+
+@pytest.fixture(scope="session")
+def user_ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder holding one save per USER_SPECS name, written by DeepSpeed at dp 2 (one launch)."""
+    out = tmp_path_factory.mktemp("user_ckpts")
+    run_distributed(combo_worker, 2, str(out), USER_SPECS, [], [], timeout=400)
+    return out

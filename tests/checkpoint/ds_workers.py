@@ -83,6 +83,8 @@ def _ds_config(spec: RunSpec) -> dict[str, Any]:
         cfg["bf16"] = {"enabled": True}
     if spec.stage == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    if spec.extra.get("elastic"):
+        cfg["zero_optimization"]["elastic_checkpoint"] = True
     return cfg
 
 
@@ -147,7 +149,9 @@ def _train_and_save(rank: int, spec: RunSpec, out_dir: str, model: nn.Module, mp
         model=model, optimizer=optimizer, config=_ds_config(spec), mpu=mpu
     )
     dp_rank = mpu.get_data_parallel_rank() if mpu is not None else rank
-    save_dir = os.path.join(out_dir, spec.name)
+    # extra "subdir"/"tag"/"save_latest": saves shaped like Hugging Face Trainer's
+    # (checkpoint-N/global_stepN, no latest) or with a custom tag
+    save_dir = os.path.join(out_dir, spec.name, spec.extra.get("subdir", ""))
     for step in range(spec.steps):
         ids = _batch(dp_rank, step)
         loss = engine(ids)
@@ -155,7 +159,12 @@ def _train_and_save(rank: int, spec: RunSpec, out_dir: str, model: nn.Module, mp
         engine.step()
         if spec.extra.get("save_each_step") and step < spec.steps - 1:
             engine.save_checkpoint(save_dir, client_state={"epoch": 0, "my_key": "early"})
-    engine.save_checkpoint(save_dir, client_state={"epoch": 3, "my_key": "hello"})
+    engine.save_checkpoint(
+        save_dir,
+        tag=spec.extra.get("tag"),
+        client_state={"epoch": 3, "my_key": "hello"},
+        save_latest=spec.extra.get("save_latest", True),
+    )
     names = {p: n for n, p in engine.module.named_parameters()}
     expected: dict[str, Any] = {"params": {}, "states": {}}
     for param, name in names.items():

@@ -1,0 +1,289 @@
+"""Consolidated export: the full weights of any checkpoint layout as safetensors (or torch) files.
+
+Why: people who trained with ZeRO, tensor or pipeline parallelism want one plain state dict to
+serve, fine-tune elsewhere, or publish. DeepSpeed's ``zero_to_fp32`` holds the whole model in
+memory and knows neither tp nor pp. Here every logical tensor is assembled from its pieces in the
+manifest (the fp32 master where the optimizer has one, else the stored weight), cast, and written
+one at a time, so memory stays bounded by the largest tensor. The output is a folder as Hugging
+Face writes it: ``model.safetensors``, or shards plus ``model.safetensors.index.json``, with the
+names of the module's own ``state_dict`` (tied and frozen parameters and persistent buffers
+included), so ``load_state_dict`` or ``from_pretrained`` of the folder works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lightning_reshape.checkpoint.manifest import (
+    ROLE_BUFFER,
+    ROLE_FP32,
+    ROLE_PARAM,
+    Manifest,
+    TensorEntry,
+)
+from lightning_reshape.checkpoint.reader import ShardReader, TPRule, load_entry, read_manifest
+from lightning_reshape.errors import CheckpointError, ReshapeError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["ExportItem", "export_checkpoint", "export_items", "parse_size"]
+
+FORMATS = ("safetensors", "torch")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# safetensors dtype codes and element sizes, by torch dtype name
+_ST_DTYPES = {
+    "float64": ("F64", 8),
+    "float32": ("F32", 4),
+    "float16": ("F16", 2),
+    "bfloat16": ("BF16", 2),
+    "int64": ("I64", 8),
+    "int32": ("I32", 4),
+    "int16": ("I16", 2),
+    "int8": ("I8", 1),
+    "uint8": ("U8", 1),
+    "bool": ("BOOL", 1),
+}
+_FLOATS = ("float64", "float32", "float16", "bfloat16")
+# Lightning < 2.1 saved the module inside a wrapper; its state_dict names carry this prefix
+_WRAPPER_PREFIX = "_forward_module."
+
+
+@dataclass(frozen=True)
+class ExportItem:
+    """One tensor of the export: its output name, the entry it comes from, its output dtype."""
+
+    name: str
+    entry: TensorEntry
+    dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.numel * _ST_DTYPES[self.dtype][1]
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a byte count -> bytes (as Hugging Face reads it)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise ReshapeError(f"size {text!r}: expected a number with an optional unit (e.g. 5GB)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit != "B" else 0
+    value = int(float(m.group(1)) * base**power)
+    if value < 1:
+        raise ReshapeError(f"size {text!r} is below one byte")
+    return value
+
+
+def export_items(manifest: Manifest, dtype: str | None = "fp32") -> list[ExportItem]:
+    """The tensors of the module's state_dict, in checkpoint order: parameters (fp32 master
+    where present), tied aliases, persistent buffers. ``dtype`` casts floating tensors
+    (None keeps each tensor's stored dtype)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ReshapeError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    masters = {e.name: e for e in manifest.entries(ROLE_FP32)}
+    stored = {e.name: e for e in manifest.entries(ROLE_PARAM)}
+    chosen: dict[str, TensorEntry] = {}
+    for name in manifest.param_names():
+        chosen[name] = masters.get(name) or stored[name]
+    for entry in manifest.entries(ROLE_BUFFER):
+        chosen.setdefault(entry.name, entry)
+    for alias, source in manifest.aliases:
+        if source in chosen and alias not in chosen:
+            chosen[alias] = chosen[source]
+    names = list(chosen)
+    strip = bool(names) and all(n.startswith(_WRAPPER_PREFIX) for n in names)
+    items = []
+    for name, entry in chosen.items():
+        out_dtype = entry.dtype
+        if out_dtype not in _ST_DTYPES:
+            raise CheckpointError(
+                f"{manifest.root}: {name} has dtype {out_dtype}, which safetensors cannot hold"
+            )
+        if dtype is not None and out_dtype in _FLOATS:
+            out_dtype = DTYPES[dtype]
+        out_name = name[len(_WRAPPER_PREFIX) :] if strip else name
+        items.append(ExportItem(out_name, entry, out_dtype))
+    if not items:
+        raise CheckpointError(f"{manifest.root}: the checkpoint holds no tensors to export")
+    return items
+
+
+def _shards(items: Sequence[ExportItem], max_bytes: int) -> list[list[ExportItem]]:
+    """Greedy split in order (Hugging Face's rule): a new shard when the next tensor would
+    overflow the current one; a tensor larger than the limit gets a shard of its own."""
+    shards: list[list[ExportItem]] = [[]]
+    size = 0
+    for item in items:
+        if shards[-1] and size + item.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item.nbytes
+    return shards
+
+
+def _file_names(fmt: str, n: int) -> list[str]:
+    stem, ext = ("model", "safetensors") if fmt == "safetensors" else ("pytorch_model", "bin")
+    if n == 1:
+        return [f"{stem}.{ext}"]
+    return [f"{stem}-{i + 1:05d}-of-{n:05d}.{ext}" for i in range(n)]
+
+
+def _index_name(fmt: str) -> str:
+    if fmt == "safetensors":
+        return "model.safetensors.index.json"
+    return "pytorch_model.bin.index.json"
+
+
+def _safetensors_header(items: Sequence[ExportItem], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for item in items:
+        code, _ = _ST_DTYPES[item.dtype]
+        header[item.name] = {
+            "dtype": code,
+            "shape": list(item.entry.shape),
+            "data_offsets": [offset, offset + item.nbytes],
+        }
+        offset += item.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the library writes it
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _tensor(item: ExportItem, reader: ShardReader) -> torch.Tensor:
+    import torch
+
+    t = load_entry(item.entry, reader)
+    want = getattr(torch, item.dtype)
+    if t.dtype != want:
+        t = t.to(want)
+    if tuple(t.shape) != item.entry.shape:
+        raise CheckpointError(
+            f"{reader.root}: {item.name} assembled to shape {tuple(t.shape)}, the manifest says "
+            f"{item.entry.shape}"
+        )
+    return t.contiguous()
+
+
+def _write_safetensors(
+    path: Path, items: Sequence[ExportItem], reader: ShardReader, tick: Callable[[int], None]
+) -> None:
+    import torch
+
+    with open(path, "wb") as fh:
+        fh.write(_safetensors_header(items, {"format": "pt"}))
+        for item in items:
+            t = _tensor(item, reader)
+            fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            tick(item.nbytes)
+            del t
+        fh.flush()
+        os.fsync(fh.fileno())
+    # the library reads the header back and checks every offset against the file
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as check:
+        if len(list(check.keys())) != len(items):
+            raise CheckpointError(f"{path}: written file does not list every tensor")
+
+
+def _write_torch(
+    path: Path, items: Sequence[ExportItem], reader: ShardReader, tick: Callable[[int], None]
+) -> None:
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    by_entry: dict[tuple[str, str, str | None, str], torch.Tensor] = {}
+    for item in items:
+        key = (*item.entry.key, item.dtype)
+        if key not in by_entry:  # tied names share one tensor, as torch.save keeps them
+            by_entry[key] = _tensor(item, reader)
+        out[item.name] = by_entry[key]
+        tick(item.nbytes)
+    with open(path, "wb") as fh:
+        torch.save(out, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def export_checkpoint(
+    src: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    fmt: str = "safetensors",
+    dtype: str | None = "fp32",
+    max_shard_size: int | str = "5GB",
+    tag: str | None = None,
+    trust: bool = False,
+    tp_rules: Sequence[TPRule] = (),
+    progress: bool = False,
+) -> Path:
+    """Write the full weights of ``src`` into the new folder ``out``; return it.
+
+    ``fmt`` is ``"safetensors"`` (streamed: one tensor in memory at a time) or ``"torch"``
+    (``pytorch_model.bin``: one shard in memory at a time). The folder appears complete or not
+    at all; ``src`` is only read.
+    """
+    if fmt not in FORMATS:
+        raise ReshapeError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    limit = parse_size(max_shard_size) if isinstance(max_shard_size, str) else max_shard_size
+    if limit < 1:
+        raise ReshapeError(f"max_shard_size={max_shard_size!r} must be at least one byte")
+    out_path = Path(out).absolute()
+    if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise ReshapeError(f"{out_path}: exists and is not an empty folder; choose a new path")
+    manifest = read_manifest(src, tag=tag, trust_checkpoint=trust, tp_rules=tp_rules)
+    items = export_items(manifest, dtype)
+    shards = _shards(items, limit)
+    names = _file_names(fmt, len(shards))
+    total = sum(i.nbytes for i in items)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    part = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
+    shutil.rmtree(part, ignore_errors=True)
+    part.mkdir()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", leave=False)
+
+    def tick(n: int) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    write = _write_safetensors if fmt == "safetensors" else _write_torch
+    try:
+        with ShardReader(manifest.root, trust_checkpoint=manifest.trusted) as reader:
+            for shard, name in zip(shards, names, strict=True):
+                write(part / name, shard, reader, tick)
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": total},
+                "weight_map": {i.name: n for s, n in zip(shards, names, strict=True) for i in s},
+            }
+            (part / _index_name(fmt)).write_text(json.dumps(index, indent=2) + "\n")
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(part, out_path)  # an empty folder at out_path is replaced atomically
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    return out_path
