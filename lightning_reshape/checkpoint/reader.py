@@ -522,6 +522,8 @@ class _Builder:
         self.refs: list[StateRef] = []
         self.aliases: dict[str, str] = {}
         self.next_layer = 0  # pipeline ZeRO 0: first layer not yet given to a stage
+        # ZeRO 0: model file -> parameter names per optimizer param group
+        self.zero0_groups: dict[str, tuple[tuple[str, ...], ...]] = {}
 
     def path(self, file: str) -> str:
         return os.path.join(self.tag_dir, file)
@@ -639,7 +641,9 @@ def _build(b: _Builder) -> Manifest:
         osd = optim_sd0.get("optimizer_state_dict", {}) if isinstance(optim_sd0, Mapping) else {}
         stage_val = osd.get("zero_stage")
         if stage_val is None:
-            zero_stage, wrapper = 0, "bf16_optimizer"
+            # DeepSpeed's BF16_Optimizer (bf16 + ZeRO 1 + fp32 gradient accumulation, or the
+            # pipeline engine's bf16 at ZeRO 0) does not record the stage: the config does
+            zero_stage, wrapper = _configured_stage(optim_sd0, first), "bf16_optimizer"
         else:
             zero_stage, wrapper = int(stage_val), "zero"
     else:
@@ -846,12 +850,24 @@ def _build(b: _Builder) -> Manifest:
         extra={
             "bf16_prefixed_files": f.bf16_prefix,
             "frozen": tuple(sorted(b.frozen)),
+            "zero0_groups": dict(b.zero0_groups),
             "client_summary": {k: _summary(first[k]) for k in client_keys},
             "client_scalars": {
                 k: first[k] for k in client_keys if isinstance(first[k], (int, float, str, bool))
             },
         },
     )
+
+
+def _configured_stage(optim_sd: Any, model_sd: Mapping[str, Any]) -> int:
+    """``zero_optimization.stage`` of the config saved with the files (0 when absent)."""
+    for sd in (optim_sd, model_sd):
+        cfg = sd.get("ds_config") if isinstance(sd, Mapping) else None
+        if isinstance(cfg, Mapping):
+            zcfg = cfg.get("zero_optimization") or {}
+            if isinstance(zcfg, Mapping):
+                return int(zcfg.get("stage", 0) or 0)
+    return 0
 
 
 def _refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
@@ -1064,8 +1080,10 @@ def _zero12_optim(
             t = osd["single_partition_of_fp32_groups"][g]
             pad = (osd.get("group_paddings") or [0] * n_groups)[g]
             parts[dp] = (t, pad)
-        psize = parts[0][0].numel() + parts[0][1]
-        if any(t.numel() + pad != psize for t, pad in parts.values()):
+        # ZeRO 1/2 strip the tail padding from the saved partition; BF16_Optimizer keeps it
+        keeps_padding = "zero_stage" not in osd0
+        psize = parts[0][0].numel() + (0 if keeps_padding else parts[0][1])
+        if any(t.numel() + (0 if keeps_padding else pad) != psize for t, pad in parts.values()):
             raise CheckpointError(
                 f"{b.path(f.optim[(0, mp)])}: ZeRO partitions of group {g} have different sizes "
                 "across dp ranks; files from different saves?"
@@ -1306,6 +1324,7 @@ def _zero0_optim(
                 fp32_list.append(((*inner_key[:-1], "fp32_groups", g, i), t))
     # match optimizer indices (in order) to module parameters (in order) by shape
     ci = 0
+    index_names: dict[Any, str] = {}
     for pos, idx in enumerate(indices):
         ref_shape = None
         st = state.get(idx, {})
@@ -1326,6 +1345,7 @@ def _zero0_optim(
                 f"{b.path(file)}: cannot match optimizer parameter {idx} (shape {ref_shape}) to a "
                 "module parameter; add a lightning_reshape.json sidecar"
             )
+        index_names[idx] = name
         if pos < len(fp32_list):
             key, t = fp32_list[pos]
             _whole(b, name, ROLE_FP32, None, file, key, t, tp_rank, pp_stage)
@@ -1354,6 +1374,10 @@ def _zero0_optim(
                 )
     for name, _ in candidates[ci:]:
         b.frozen.add(name)
+    # the optimizer's param groups by name: what ZeRO 1/2/3 would flatten, group by group
+    b.zero0_groups[file] = tuple(
+        tuple(index_names[i] for i in g["params"]) for g in inner.get("param_groups", [])
+    )
     _optim_refs(b, file, opt, ("optimizer",))
 
 

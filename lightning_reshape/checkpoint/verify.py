@@ -57,12 +57,16 @@ def _logical_keys(m: Manifest) -> dict[tuple[str, str, str | None], Any]:
     """Entries compared: masters, optimizer states, buffers, and weights with no master
     (frozen parameters; trainable weights are compared through their fp32 masters)."""
     masters = {e.name for e in m.entries(ROLE_FP32)}
+    frozen = set(m.extra.get("frozen", ()))
+    # ZeRO 0 with an fp32 model and a plain torch optimizer: the weights are the masters
+    own_masters = m.topology.zero_stage == 0 and m.optimizer_wrapper == "none"
     out = {}
     for e in m.tensors:
-        if e.role in (ROLE_FP32, ROLE_OPTIM, ROLE_BUFFER) or (
-            e.role == ROLE_PARAM and e.name not in masters
-        ):
+        if e.role in (ROLE_FP32, ROLE_OPTIM, ROLE_BUFFER):
             out[e.key] = e
+        elif e.role == ROLE_PARAM and e.name not in masters:
+            trainable = own_masters and e.dtype == "float32" and e.name not in frozen
+            out[(e.name, ROLE_FP32, None) if trainable else e.key] = e
     return out
 
 
