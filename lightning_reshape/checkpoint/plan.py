@@ -136,7 +136,8 @@ class SetValue:
     fill by index), ``shapes`` (list of {name: shape} -> OrderedDict of torch.Size),
     ``frozen_shapes`` ({name: shape} -> OrderedDict), ``slice_mappings`` (list of
     {name: (numel, start)} -> DeepSpeed ``fragment_address``), ``zero_stage`` (DeepSpeed's enum),
-    ``odict`` (an empty OrderedDict)."""
+    ``odict`` (an empty OrderedDict), ``loss_scaler`` (DeepSpeed's static ``LossScaler`` with
+    ``value`` as its attributes)."""
 
     key: KeyPath
     value: Any
@@ -1022,8 +1023,16 @@ def _optimizer_top(meta: SourceMeta, src_mp: int, kind: str) -> list[Carry | Set
     return out
 
 
-def _group_index(groups: Sequence[Sequence[str]], name: str) -> int:
-    return next(g for g, names in enumerate(groups) if name in names)
+def _saves_frozen(manifest: Manifest, target: Target, frozen: Sequence[TensorEntry]) -> bool:
+    """Whether the target's model files hold ``frozen_param_shapes``/``_fragments`` (else None).
+
+    DeepSpeed writes them at ZeRO 2 and 3 unless saved with ``exclude_frozen_parameters=True``;
+    a None is what tells its loader not to look for frozen weights. A source that excluded them
+    keeps excluding them; with no frozen parameter at all, None loads the same as an empty dict
+    and is the only safe choice when a ZeRO 0/1 source cannot tell whether it excluded any."""
+    if target.zero_stage < 2 or manifest.extra.get("excluded_frozen"):
+        return False
+    return bool(frozen) or bool(manifest.extra.get("frozen_recorded"))
 
 
 def _target_sidecar(
@@ -1219,7 +1228,7 @@ def _model_file(
                 shapes.append({n: local_shape(entry(n, ROLE_FP32)) for n in names})
             items.append(SetValue(("param_shapes",), shapes, "shapes"))
         elif key == "frozen_param_shapes":
-            if target.zero_stage >= 2:
+            if _saves_frozen(manifest, target, frozen):
                 items.append(
                     SetValue(
                         ("frozen_param_shapes",),
@@ -1230,7 +1239,7 @@ def _model_file(
             else:
                 items.append(SetValue(("frozen_param_shapes",), None))
         elif key == "frozen_param_fragments":
-            if target.zero_stage < 2:
+            if not _saves_frozen(manifest, target, frozen):
                 items.append(SetValue(("frozen_param_fragments",), None))
                 continue
             items.append(SetValue(("frozen_param_fragments",), None, "odict"))

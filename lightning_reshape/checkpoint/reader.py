@@ -522,6 +522,7 @@ class _Builder:
         self.refs: list[StateRef] = []
         self.aliases: dict[str, str] = {}
         self.next_layer = 0  # pipeline ZeRO 0: first layer not yet given to a stage
+        self.excluded_frozen = False  # saved with exclude_frozen_parameters=True
         # ZeRO 0: model file -> parameter names per optimizer param group
         self.zero0_groups: dict[str, tuple[tuple[str, ...], ...]] = {}
 
@@ -785,6 +786,16 @@ def _build(b: _Builder) -> Manifest:
         module_params = _module_params(
             b, sd, main_files[mp], tp_rank, pp_stage, pipeline, buffer_names
         )
+        if not pipeline:
+            module_keys = set(sd.get("module") or ())
+            for alias, source in list(b.aliases.items()):
+                if alias in module_keys and source not in module_keys:
+                    # saved with exclude_frozen_parameters=True: the frozen parameter's first
+                    # name was dropped from the module, its tied second name kept the data
+                    del b.aliases[alias]
+                    b.excluded_frozen = True
+        if zero_stage >= 2 and sd.get("frozen_param_shapes") is None:
+            b.excluded_frozen = True  # DeepSpeed writes {} when there is nothing to exclude
         if zero_stage == 3:
             _zero3_frozen(b, f, mp, topo, tp_rank, pp_stage, frozen_shapes)
         else:
@@ -851,6 +862,8 @@ def _build(b: _Builder) -> Manifest:
             "bf16_prefixed_files": f.bf16_prefix,
             "frozen": tuple(sorted(b.frozen)),
             "zero0_groups": dict(b.zero0_groups),
+            "excluded_frozen": b.excluded_frozen,
+            "frozen_recorded": zero_stage >= 2 and first.get("frozen_param_shapes") is not None,
             "client_summary": {k: _summary(first[k]) for k in client_keys},
             "client_scalars": {
                 k: first[k] for k in client_keys if isinstance(first[k], (int, float, str, bool))

@@ -9,6 +9,7 @@ state). One logical tensor is in memory at a time.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -22,10 +23,13 @@ from lightning_reshape.checkpoint.manifest import (
     ROLE_PARAM,
     Manifest,
 )
+from lightning_reshape.checkpoint.plan import read_source_meta, source_groups
 from lightning_reshape.checkpoint.reader import ShardReader, load_entry, read_manifest
 from lightning_reshape.checkpoint.safe_load import safe_load
+from lightning_reshape.checkpoint.zero_layout import DEFAULT_SUB_GROUP_SIZE, zero3_layout
+from lightning_reshape.errors import ReshapeError
 
-__all__ = ["verify"]
+__all__ = ["verify", "layout_problems"]
 
 # Non-tensor state that must survive a reshape (layout keys such as dp_world_size may differ).
 _CARRIED = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps", "data_sampler")
@@ -91,6 +95,10 @@ def verify(
         diffs.append(msg)
         return limit is not None and len(diffs) >= limit
 
+    for m in (ma, mb):
+        for problem in layout_problems(m):
+            if add(problem):
+                return diffs
     ka, kb = _logical_keys(ma), _logical_keys(mb)
     for key in [k for k in ka if k not in kb] + [k for k in kb if k not in ka]:
         side = "a" if key in ka else "b"
@@ -138,6 +146,54 @@ def verify(
             if add(f"{name}: {_short(va)} vs {_short(vb)}"):
                 return diffs
     return diffs
+
+
+def layout_problems(m: Manifest) -> list[str]:
+    """Where the files' ZeRO layout is not the one DeepSpeed builds for their own config and dp,
+    which stock ``load_checkpoint`` refuses (or silently mis-assigns): each param group must list
+    one flat partition (ZeRO 1/2) or exactly the ZeRO 3 sub-groups that ``sub_group_size`` cuts
+    from it at this dp, holding the parameters ``param_shapes`` says."""
+    stage = m.topology.zero_stage
+    if stage not in (1, 2, 3):
+        return []
+    meta = read_source_meta(m)
+    zcfg = meta.ds_config.get("zero_optimization") or {}
+    sub_group_size = zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)
+    local = {e.name: math.prod(e.pieces[0].local_shape) for e in m.entries(ROLE_FP32) if e.pieces}
+    out = []
+    for mp, sizes in sorted(meta.param_group_sizes.items()):
+        file = os.path.join(m.root, meta.param_groups_ref[mp][0])
+        if stage in (1, 2):
+            if any(n != 1 for n in sizes):
+                out.append(
+                    f"{file}: optimizer param groups list {list(sizes)} flat partitions; ZeRO "
+                    f"{stage} keeps one per group, so stock load_checkpoint refuses them"
+                )
+            continue
+        try:
+            groups = source_groups(m, meta, mp)
+        except ReshapeError as exc:
+            out.append(str(exc))
+            continue
+        lay = zero3_layout(
+            [[(n, local[n]) for n in g] for g in groups],
+            m.topology.dp,
+            sub_group_size=sub_group_size,
+        )
+        want = tuple(
+            tuple(p.name for p in lay.sub_group_params(s)) for s in range(len(lay.sub_group_numels))
+        )
+        want_sizes = tuple(lay.sub_group_to_group.count(g) for g in range(len(groups)))
+        have = tuple(tuple(g) for g in meta.param_shapes[mp])
+        if want != have or want_sizes != tuple(sizes):
+            out.append(
+                f"{file}: ZeRO 3 sub-groups {[len(g) for g in have]} (parameters per sub-group, "
+                f"{list(sizes)} per param group) are not the {[len(g) for g in want]} "
+                f"({list(want_sizes)} per param group) DeepSpeed builds at dp={m.topology.dp} "
+                f"with zero_optimization.sub_group_size={sub_group_size}; stock load_checkpoint "
+                "refuses this layout"
+            )
+    return out
 
 
 def _main_file(m: Manifest) -> str:

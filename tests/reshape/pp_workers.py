@@ -122,6 +122,7 @@ class PPSpec:
     partition: str = "parameters"  # PipelineModule's partition_method
     num_stages: bool = False  # PipelineModule(num_stages=pp): no model axis, files lack -model_XX
     tied: bool = False  # embedding and head share one TiedLayerSpec module
+    bf16: bool = False  # bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
 
 
 def _tp_group(topo: Any) -> Any:
@@ -175,6 +176,9 @@ def _engine(spec: PPSpec, world: int) -> Any:
         "zero_optimization": {"stage": spec.stage},
         "steps_per_print": 10**9,
     }
+    if spec.bf16:
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
 
