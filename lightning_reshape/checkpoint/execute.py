@@ -166,6 +166,8 @@ def _convert(kind: str, value: Any) -> Any:
             )
             for g in value
         ]
+    if kind == "loss_scaler":  # DeepSpeed's static LossScaler, pickled as __new__ + __dict__
+        return torchfile.opaque(*_LOSS_SCALER, state=dict(value), call=False)
     if kind == "zero_stage":  # an enum pickles as a call on its value
         return torchfile.opaque(*_ZERO_STAGE, args=(int(value),))
     raise CheckpointError(f"unknown plan value kind {kind!r}")
@@ -173,6 +175,7 @@ def _convert(kind: str, value: Any) -> Any:
 
 _FRAGMENT = ("deepspeed.utils.tensor_fragment", "fragment_address")
 _ZERO_STAGE = ("deepspeed.runtime.zero.config", "ZeroStageEnum")
+_LOSS_SCALER = ("deepspeed.runtime.fp16.loss_scaler", "LossScaler")
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_reshape.checkpoint import zero0
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
@@ -135,7 +136,8 @@ class SetValue:
     fill by index), ``shapes`` (list of {name: shape} -> OrderedDict of torch.Size),
     ``frozen_shapes`` ({name: shape} -> OrderedDict), ``slice_mappings`` (list of
     {name: (numel, start)} -> DeepSpeed ``fragment_address``), ``zero_stage`` (DeepSpeed's enum),
-    ``odict`` (an empty OrderedDict)."""
+    ``odict`` (an empty OrderedDict), ``loss_scaler`` (DeepSpeed's static ``LossScaler`` with
+    ``value`` as its attributes)."""
 
     key: KeyPath
     value: Any
@@ -223,6 +225,11 @@ class SourceMeta:
     optim_inner: KeyPath
     optim_top_keys: tuple[str, ...]
     tp_splits: Mapping[str, TPSplit | None] = field(default_factory=dict)
+    #: per source mp rank: (file, key path) of the torch optimizer's ``param_groups`` list, and
+    #: how many tensors each group lists (ZeRO 1/2: 1 flat; ZeRO 3: its sub-groups; ZeRO 0: its
+    #: parameters)
+    param_groups_ref: Mapping[int, tuple[str, KeyPath]] = field(default_factory=dict)
+    param_group_sizes: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 def read_source_meta(manifest: Manifest) -> SourceMeta:
@@ -241,6 +248,8 @@ def read_source_meta(manifest: Manifest) -> SourceMeta:
     ds_config: Mapping[str, Any] = {}
     optim_inner: KeyPath = ()
     optim_top: tuple[str, ...] = ()
+    pg_ref: dict[int, tuple[str, KeyPath]] = {}
+    pg_sizes: dict[int, tuple[int, ...]] = {}
     for mp in range(topo.mp):
         plain = f"mp_rank_{mp:02d}_model_states.pt"
         z3 = f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
@@ -257,15 +266,27 @@ def read_source_meta(manifest: Manifest) -> SourceMeta:
             oname = f"{prefix}zero_pp_rank_0_mp_rank_{mp:02d}_optim_states.pt"
             if oname in names:
                 optim_files[mp] = oname
+                osd = load(os.path.join(root, oname), trust_checkpoint=manifest.trusted)
+                inner = osd["optimizer_state_dict"]
+                key: KeyPath = (
+                    ("optimizer_state_dict", "base_optimizer_state")
+                    if "base_optimizer_state" in inner
+                    else ("optimizer_state_dict", "optimizer_state_dict")
+                )
                 if mp == 0:
-                    osd = load(os.path.join(root, oname), trust_checkpoint=manifest.trusted)
-                    inner = osd["optimizer_state_dict"]
                     optim_top = tuple(inner)
-                    optim_inner = (
-                        ("optimizer_state_dict", "base_optimizer_state")
-                        if "base_optimizer_state" in inner
-                        else ("optimizer_state_dict", "optimizer_state_dict")
-                    )
+                    optim_inner = key
+                pg_ref[mp] = (oname, (*key, "param_groups"))
+                pg_sizes[mp] = tuple(len(g["params"]) for g in _get_path(osd, pg_ref[mp][1]))
+        opt = sd.get("optimizer")
+        if mp not in pg_ref and isinstance(opt, Mapping):  # ZeRO 0: in the model file
+            key = (
+                ("optimizer", "optimizer_state_dict")
+                if "optimizer_state_dict" in opt
+                else ("optimizer",)
+            )
+            pg_ref[mp] = (file, (*key, "param_groups"))
+            pg_sizes[mp] = tuple(len(g["params"]) for g in _get_path(sd, pg_ref[mp][1]))
     sidecar = read_sidecar(root)
     return SourceMeta(
         model_files=model_files,
@@ -278,7 +299,15 @@ def read_source_meta(manifest: Manifest) -> SourceMeta:
         optim_inner=optim_inner,
         optim_top_keys=optim_top,
         tp_splits=dict(sidecar.tp_splits) if sidecar is not None else {},
+        param_groups_ref=pg_ref,
+        param_group_sizes=pg_sizes,
     )
+
+
+def _get_path(obj: Any, key: KeyPath) -> Any:
+    for k in key:
+        obj = obj[k]
+    return obj
 
 
 # --------------------------------------------------------------------------------------------
@@ -510,16 +539,12 @@ def build_plan(
         value = getattr(target, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise LayoutError(f"target {name}={value!r} must be an integer >= 1")
-    if src.zero_stage not in (1, 2, 3) or manifest.optimizer_wrapper not in ("zero",):
-        raise CheckpointError(
-            f"{manifest.root}: source is ZeRO stage {src.zero_stage} with optimizer wrapper "
-            f"{manifest.optimizer_wrapper!r}; only ZeRO 1, 2 and 3 sources can be reshaped yet"
-        )
-    if target.zero_stage not in (1, 2, 3):
+    if target.zero_stage not in (0, 1, 2, 3):
         raise LayoutError(
-            f"target zero_stage={target.zero_stage} is not supported; convert to ZeRO 1, 2 or 3"
+            f"target zero_stage={target.zero_stage} is not supported; convert to ZeRO 0, 1, 2 or 3"
         )
     pipeline = "pipeline" in manifest.layout
+    _check_source(manifest, pipeline)
     if not pipeline and (src.pp != 1 or target.pp != 1):
         raise CheckpointError(
             f"{manifest.root}: source pp={src.pp}, target pp={target.pp}: a pipeline change needs "
@@ -529,7 +554,7 @@ def build_plan(
     if pipeline and target.zero_stage != 1:
         raise LayoutError(
             f"target zero_stage={target.zero_stage}: DeepSpeed's pipeline engine supports ZeRO "
-            "stage 1 only; convert with zero_stage=1"
+            "stage 1 only here; convert with zero_stage=1"
         )
     splits, recorded = _splits(manifest, meta, target, tp_rules)
     res = _Resolver(manifest, splits, target.tp)
@@ -544,12 +569,17 @@ def build_plan(
     if model_dtype not in _ELEMENT_SIZE:
         raise CheckpointError(f"{manifest.root}: unknown model dtype {model_dtype!r}")
     bf16 = model_dtype == "bfloat16"
+    tgt_config = {**dict(meta.ds_config), "zero_optimization": {**zcfg, "stage": target.zero_stage}}
+    if target.zero_stage == 0:
+        zero0.check_target(manifest, tgt_config)
+    # DeepSpeed's BF16_Optimizer instead of its ZeRO optimizer at the target?
+    bf16_optimizer = uses_bf16_optimizer(tgt_config, target.zero_stage, pipeline)
 
     # groups in optimizer order (tp rank 0 of each source stage defines names; shapes come from
     # entries); a pipeline's stages each hold a slice of every group, in layer order
     groups: list[tuple[str, ...]] = []
     for stage in range(src.pp if pipeline else 1):
-        for g, names in enumerate(meta.param_shapes[stage * src.tp]):
+        for g, names in enumerate(source_groups(manifest, meta, stage * src.tp)):
             names = undo_round_robin(names, src.dp) if rr else tuple(names)
             if g < len(groups):
                 # a TiedLayerSpec module is held by every stage using it: listed once
@@ -573,6 +603,9 @@ def build_plan(
         try:
             return by_key[(name, role, state_key)]
         except KeyError:
+            if role == ROLE_FP32 and src.zero_stage == 0 and model_dtype == "float32":
+                # a ZeRO 0 fp32 run's weights are its own masters
+                return entry(name, ROLE_PARAM)
             raise CheckpointError(
                 f"{manifest.root}: {name} has no {role} {state_key or ''} tensor in the source; "
                 "the checkpoint is incomplete"
@@ -585,8 +618,16 @@ def build_plan(
     def local_shape(e: TensorEntry) -> tuple[int, ...]:
         return _local_shape(e.shape, splits.get(e.name), target.tp)
 
-    def scalar_carries(group: int, dst_prefix: KeyPath, src_mp: int, tgt_group: int) -> list[Carry]:
+    def scalar_carries(
+        group: int, dst_prefix: KeyPath, src_mp: int, tgt_group: int, first: str = ""
+    ) -> list[Carry]:
         out = []
+        if src.zero_stage == 0:  # per-parameter scalars: those of the group's first parameter
+            return [
+                Carry(s.file, s.key, (*dst_prefix, "state", tgt_group, s.state_key))
+                for s in manifest.scalars
+                if s.owner == first and s.file == meta.model_files[src_mp]
+            ]
         for s in manifest.scalars:
             if s.owner == f"mp{src_mp}.group{group}" and s.file == _first_optim(s.file):
                 out.append(Carry(s.file, s.key, (*dst_prefix, "state", tgt_group, s.state_key)))
@@ -596,8 +637,6 @@ def build_plan(
         return file if "zero_pp_rank_0_" in file else ""
 
     files: list[TargetFile] = []
-    src_ds_config = dict(meta.ds_config)
-    tgt_config = {**src_ds_config, "zero_optimization": {**zcfg, "stage": target.zero_stage}}
     frozen = [e for e in manifest.entries(ROLE_PARAM) if e.name not in _trainable(groups)]
     buffers = {e.name: e for e in manifest.entries(ROLE_BUFFER)}
     prefix = "bf16_" if bf16 else ""
@@ -625,30 +664,74 @@ def build_plan(
                     "such a layout is not supported"
                 )
         src_mp = src_stage * src.tp + (mp if target.tp == src.tp else 0)
-        optim_src = meta.optim_files[src_mp]
-        pg_key = (*meta.optim_inner, "param_groups")
-        top_carry = [
-            Carry(optim_src, ("optimizer_state_dict", k), ("optimizer_state_dict", k))
-            for k in ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad")
-            if k in meta.optim_top_keys
-        ]
-        if target.zero_stage in (1, 2) and "clip_grad" not in meta.optim_top_keys:
-            # a ZeRO-3 source does not save it; ZeRO 1/2 save the configured clipping value
-            # (DeepSpeed's default, GRADIENT_CLIPPING_DEFAULT, is 1.0)
-            clip = meta.ds_config.get("gradient_clipping", 1.0)
-            at = sum(1 for c in top_carry if c.src_key[-1] != "clip_grad")
-            top_carry = [
-                *top_carry[:at],
-                SetValue(("optimizer_state_dict", "clip_grad"), clip, "raw"),
-                *top_carry[at:],
-            ]
-        if target.zero_stage in (1, 2):
+        pg_file, pg_key = meta.param_groups_ref.get(src_mp) or (
+            meta.optim_files[src_mp],
+            (*meta.optim_inner, "param_groups"),
+        )
+
+        def param_groups(
+            dst: KeyPath,
+            params: Sequence[Sequence[int]],
+            pg_file: str = pg_file,
+            pg_key: KeyPath = pg_key,
+        ) -> list[Any]:
+            """The source's param groups (hyperparameters as saved) listing ``params``."""
+            out: list[Any] = [SetValue(dst, len(params), "list")]
+            for g, idx in enumerate(params):
+                out.append(Carry(pg_file, (*pg_key, g), (*dst, g)))
+                out.append(SetValue((*dst, g, "params"), list(idx)))
+            return out
+
+        def zero0_state(name: str, index: int, src_mp: int = src_mp, mp: int = mp) -> list[Any]:
+            """Torch optimizer state of one parameter (ZeRO 0 target): its scalars, then its
+            whole state tensors."""
+            items: list[Any] = [SetValue(("optimizer", "state", index), {}, "raw")]
+            if src.zero_stage == 0:
+                items += [
+                    Carry(s.file, s.key, ("optimizer", "state", index, s.state_key))
+                    for s in manifest.scalars
+                    if s.owner == name and s.file == meta.model_files[src_mp]
+                ]
+            else:
+                items += scalar_carries(src_group_of[name], ("optimizer",), src_mp, index)
+            for k in optim_keys.get(name, []):
+                e = entry(name, ROLE_OPTIM, k)
+                shape = local_shape(e)
+                copies = res.copies(e, mp, 0, math.prod(shape), 0)
+                items.append(
+                    TensorFill(("optimizer", "state", index, k), e.dtype, shape, tuple(copies))
+                )
+            return items if len(items) > 1 else []  # no state: torch saves no entry
+
+        if target.zero_stage == 0:
+            files.append(
+                _model_file(
+                    f"mp_rank_{out_mp:02d}_model_states.pt",
+                    manifest,
+                    meta,
+                    target,
+                    mp,
+                    src_mp,
+                    res,
+                    entry,
+                    local_shape,
+                    groups,
+                    frozen,
+                    buffers,
+                    aliases,
+                    tgt_config,
+                    None,
+                    optimizer_items=zero0.optimizer_items(groups, zero0_state, param_groups),
+                )
+            )
+        elif target.zero_stage in (1, 2):
             layouts = [
                 zero_group_layout(
                     [(n, local_numel(n)) for n in names],
                     target.dp,
-                    round_robin_gradients=rr_t,
-                    parameter_alignment=align,
+                    optimizer="bf16" if bf16_optimizer else "zero",
+                    round_robin_gradients=rr_t and not bf16_optimizer,
+                    parameter_alignment=align and not bf16_optimizer,
                     element_size=_ELEMENT_SIZE[model_dtype],
                 )
                 for names in stage_groups
@@ -657,13 +740,12 @@ def build_plan(
             for r in range(target.dp):
                 items: list[Carry | SetValue | TensorFill] = [
                     SetValue(("optimizer_state_dict",), {}, "raw"),
-                    *top_carry,
+                    *_optimizer_top(meta, src_mp, "bf16" if bf16_optimizer else "zero"),
                     SetValue(("optimizer_state_dict", "base_optimizer_state"), {}, "raw"),
                     SetValue(("optimizer_state_dict", "base_optimizer_state", "state"), {}, "raw"),
-                    Carry(
-                        optim_src,
-                        pg_key,
+                    *param_groups(
                         ("optimizer_state_dict", "base_optimizer_state", "param_groups"),
+                        [[g] for g in range(len(layouts))],
                     ),
                     SetValue(
                         ("optimizer_state_dict", "single_partition_of_fp32_groups"),
@@ -676,7 +758,7 @@ def build_plan(
                     first = lay.params[0].name
                     sg = src_group_of.get(first, g)
                     items.append(SetValue((*base, "state", g), {}, "raw"))
-                    items.extend(scalar_carries(sg, base, src_mp, g))
+                    items.extend(scalar_carries(sg, base, src_mp, g, first))
                     frags = lay.rank_fragments(r)
                     fp32_copies: list[Copy] = []
                     for fr in frags:
@@ -708,18 +790,26 @@ def build_plan(
                                 tuple(copies),
                             )
                         )
-                items += [
-                    SetValue(
-                        ("optimizer_state_dict", "zero_stage"), target.zero_stage, "zero_stage"
-                    ),
+                if not bf16_optimizer:  # BF16_Optimizer records neither
+                    items.append(
+                        SetValue(
+                            ("optimizer_state_dict", "zero_stage"), target.zero_stage, "zero_stage"
+                        )
+                    )
+                items.append(
                     SetValue(
                         ("optimizer_state_dict", "group_paddings"),
                         [lay.group_paddings[r] for lay in layouts],
-                    ),
-                    SetValue(
-                        ("optimizer_state_dict", "param_alignment_paddings"),
-                        [list(lay.param_alignment_paddings) for lay in layouts],
-                    ),
+                    )
+                )
+                if not bf16_optimizer:
+                    items.append(
+                        SetValue(
+                            ("optimizer_state_dict", "param_alignment_paddings"),
+                            [list(lay.param_alignment_paddings) for lay in layouts],
+                        )
+                    )
+                items += [
                     SetValue(
                         ("optimizer_state_dict", "partition_count"), [target.dp] * len(layouts)
                     ),
@@ -773,12 +863,11 @@ def build_plan(
                 target.dp,
                 sub_group_size=sub_group_size,
             )
-            if len(lay3.sub_group_numels) != len(groups):
-                raise LayoutError(
-                    f"zero_optimization.sub_group_size={sub_group_size} splits the param groups "
-                    "into several ZeRO 3 sub-groups; converting to that layout is not supported "
-                    "yet: raise sub_group_size above the group size"
-                )
+            # each param group lists its sub-groups' fp32 partitions, in order
+            sub_lists = [
+                [s for s, g in enumerate(lay3.sub_group_to_group) if g == group]
+                for group in range(len(groups))
+            ]
             sub_names = [
                 tuple(p.name for p in lay3.sub_group_params(s))
                 for s in range(len(lay3.sub_group_numels))
@@ -788,11 +877,11 @@ def build_plan(
                 items = [
                     SetValue(("optimizer_state_dict",), {}, "raw"),
                     SetValue(("optimizer_state_dict", "zero_stage"), 3, "zero_stage"),
-                    *[c for c in top_carry if c.src_key[-1] != "clip_grad"],
+                    *_optimizer_top(meta, src_mp, "zero3"),
                     SetValue(("optimizer_state_dict", "partition_count"), target.dp),
                     SetValue(inner, {}, "raw"),
                     SetValue((*inner, "state"), {}, "raw"),
-                    Carry(optim_src, pg_key, (*inner, "param_groups")),
+                    *param_groups((*inner, "param_groups"), sub_lists),
                     SetValue(
                         ("optimizer_state_dict", "fp32_flat_groups"),
                         len(lay3.sub_group_numels),
@@ -803,7 +892,9 @@ def build_plan(
                     params = lay3.sub_group_params(s)
                     first = params[0].name
                     items.append(SetValue((*inner, "state", s), {}, "raw"))
-                    items.extend(scalar_carries(src_group_of.get(first, s), inner, src_mp, s))
+                    items.extend(
+                        scalar_carries(src_group_of.get(first, s), inner, src_mp, s, first)
+                    )
                     keys = [None, *optim_keys.get(first, [])]
                     for k in keys:
                         copies = []
@@ -857,6 +948,108 @@ def build_plan(
         trusted=manifest.trusted,
         sidecar=_target_sidecar(manifest, target, splits, recorded),
     )
+
+
+def _check_source(manifest: Manifest, pipeline: bool) -> None:
+    """Refuse sources whose optimizer format we cannot read back into every target."""
+    src = manifest.topology
+    wrapper = manifest.optimizer_wrapper
+    ok = (
+        (src.zero_stage in (1, 2, 3) and wrapper == "zero")
+        or (src.zero_stage == 1 and wrapper == "bf16_optimizer")
+        or (src.zero_stage == 0 and wrapper == "none" and not pipeline)
+    )
+    if not ok:
+        what = {
+            "fp16_optimizer": "DeepSpeed's fp16/bf16 optimizer without ZeRO",
+            "bf16_optimizer": "DeepSpeed's BF16_Optimizer without ZeRO (pipeline engine)",
+            "none": "a pipeline-engine ZeRO 0 run",
+        }.get(wrapper, f"optimizer wrapper {wrapper!r}")
+        raise CheckpointError(
+            f"{manifest.root}: source is ZeRO stage {src.zero_stage} with {what}; this format "
+            "cannot be reshaped yet (supported: ZeRO 0 with a plain torch optimizer, ZeRO 1, 2 "
+            "and 3, and BF16_Optimizer at ZeRO 1)"
+        )
+
+
+def source_groups(manifest: Manifest, meta: SourceMeta, mp: int) -> tuple[tuple[str, ...], ...]:
+    """Trainable parameter names per optimizer param group of source mp rank ``mp``, in flat
+    order. ZeRO 3's ``param_shapes`` lists sub-groups, several per param group when
+    ``sub_group_size`` is below the group's size: they are joined back by the number of
+    partitions each param group lists. ZeRO 0 has no ``param_shapes``: its optimizer's groups."""
+    if manifest.topology.zero_stage == 0:
+        return tuple(manifest.extra.get("zero0_groups", {}).get(meta.model_files[mp], ()))
+    shapes = meta.param_shapes[mp]
+    if manifest.topology.zero_stage != 3:
+        return shapes
+    sizes = meta.param_group_sizes.get(mp) or (1,) * len(shapes)
+    if sum(sizes) != len(shapes):
+        raise CheckpointError(
+            f"{manifest.root}: the optimizer's param groups list {sum(sizes)} ZeRO 3 partitions "
+            f"but param_shapes holds {len(shapes)} sub-groups; files from different saves?"
+        )
+    out, at = [], 0
+    for n in sizes:
+        out.append(tuple(name for sub in shapes[at : at + n] for name in sub))
+        at += n
+    return tuple(out)
+
+
+def uses_bf16_optimizer(config: Mapping[str, Any], stage: int, pipeline: bool) -> bool:
+    """Whether DeepSpeed (``engine._do_optimizer_sanity_check``) wraps the optimizer in its
+    BF16_Optimizer for this config and stage: bf16 with fp32 gradient accumulation at ZeRO 1
+    without offload (the Megatron-DeepSpeed recipe), or bf16 in the pipeline engine at ZeRO 0."""
+    bf16 = config.get("bf16") or config.get("bfloat16") or {}
+    if not (isinstance(bf16, Mapping) and bf16.get("enabled")):
+        return False
+    accum = str((config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
+    fp32_accum = accum in ("fp32", "float32", "float", "torch.float32")
+    zcfg = config.get("zero_optimization") or {}
+    offload = (zcfg.get("offload_optimizer") or {}).get("device") not in (None, "none")
+    if stage == 1:
+        return fp32_accum and not offload
+    return stage == 0 and pipeline and not fp32_accum
+
+
+# DeepSpeed's default ``gradient_clipping`` (runtime/constants.py): what ZeRO 1/2 save as clip_grad
+GRADIENT_CLIPPING_DEFAULT = 1.0
+
+
+def _optimizer_top(meta: SourceMeta, src_mp: int, kind: str) -> list[Carry | SetValue]:
+    """The top-level entries of a target optimizer file before its tensors: carried from the
+    source where it has them, else what DeepSpeed writes for a bf16/fp32 run (static loss scale
+    1, no overflow, the configured clipping). ``kind``: zero (ZeRO 1/2), zero3 or bf16."""
+    keys = {
+        "zero": ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad"),
+        "zero3": ("loss_scaler", "dynamic_loss_scale", "overflow"),
+        "bf16": ("clip_grad",),
+    }[kind]
+    has = set(meta.optim_top_keys) if src_mp in meta.optim_files else set()
+    out: list[Carry | SetValue] = []
+    for k in keys:
+        dst = ("optimizer_state_dict", k)
+        if k in has:
+            out.append(Carry(meta.optim_files[src_mp], dst, dst))
+        elif k == "loss_scaler":
+            out.append(SetValue(dst, {"cur_scale": 1.0, "dynamic": False}, "loss_scaler"))
+        elif k == "clip_grad":
+            clip = meta.ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT)
+            out.append(SetValue(dst, float(clip)))
+        else:
+            out.append(SetValue(dst, False))
+    return out
+
+
+def _saves_frozen(manifest: Manifest, target: Target, frozen: Sequence[TensorEntry]) -> bool:
+    """Whether the target's model files hold ``frozen_param_shapes``/``_fragments`` (else None).
+
+    DeepSpeed writes them at ZeRO 2 and 3 unless saved with ``exclude_frozen_parameters=True``;
+    a None is what tells its loader not to look for frozen weights. A source that excluded them
+    keeps excluding them; with no frozen parameter at all, None loads the same as an empty dict
+    and is the only safe choice when a ZeRO 0/1 source cannot tell whether it excluded any."""
+    if target.zero_stage < 2 or manifest.extra.get("excluded_frozen"):
+        return False
+    return bool(frozen) or bool(manifest.extra.get("frozen_recorded"))
 
 
 def _target_sidecar(
@@ -1038,11 +1231,14 @@ def _model_file(
     tgt_config: Mapping[str, Any],
     z3_rank: int | None,
     pipeline_buffers: Sequence[str] | None = None,
+    optimizer_items: Sequence[Carry | SetValue | TensorFill] | None = None,
 ) -> TargetFile:
     """A model-states file: ``mp_rank_XX`` (ZeRO 1/2) or ``zero_pp_rank_R_mp_rank_XX`` (ZeRO 3).
 
     ``pipeline_buffers`` (pipeline engine only): the stage's buffer names; the module itself
-    lives in the layer files then, so ``module`` is None."""
+    lives in the layer files then, so ``module`` is None. ``optimizer_items`` (ZeRO 0 only): the
+    whole optimizer state, which ZeRO 0 keeps in this file; ZeRO 0 records no ``param_shapes``
+    or ``shared_params``."""
     src_file = meta.model_files[src_mp]
     items: list[Carry | SetValue | TensorFill] = []
     trainable = _trainable(flat_names)
@@ -1083,14 +1279,19 @@ def _model_file(
                     copies = res.copies(e, mp, 0, n, 0)
                     items.append(TensorFill(dkey, model_dtype, local_shape(e), tuple(copies)))
         elif key == "optimizer":
-            items.append(SetValue(("optimizer",), None))
+            if optimizer_items is None:
+                items.append(SetValue(("optimizer",), None))
+            else:
+                items.extend(optimizer_items)
+        elif key in ("param_shapes", "shared_params") and target.zero_stage == 0:
+            items.append(SetValue((key,), None))
         elif key == "param_shapes":
             shapes = []
             for names in flat_names:
                 shapes.append({n: local_shape(entry(n, ROLE_FP32)) for n in names})
             items.append(SetValue(("param_shapes",), shapes, "shapes"))
         elif key == "frozen_param_shapes":
-            if target.zero_stage >= 2:
+            if _saves_frozen(manifest, target, frozen):
                 items.append(
                     SetValue(
                         ("frozen_param_shapes",),
@@ -1101,7 +1302,7 @@ def _model_file(
             else:
                 items.append(SetValue(("frozen_param_shapes",), None))
         elif key == "frozen_param_fragments":
-            if target.zero_stage < 2:
+            if not _saves_frozen(manifest, target, frozen):
                 items.append(SetValue(("frozen_param_fragments",), None))
                 continue
             items.append(SetValue(("frozen_param_fragments",), None, "odict"))

@@ -631,6 +631,9 @@ class _Builder:
         self.validated: set[str] = set()
         self.last_file = ""  # the file read last: named when a malformed one slips through
         self.elastic = False  # ZeRO 1/2 saved with zero_optimization.elastic_checkpoint
+        self.excluded_frozen = False  # saved with exclude_frozen_parameters=True
+        # ZeRO 0: model file -> parameter names per optimizer param group
+        self.zero0_groups: dict[str, tuple[tuple[str, ...], ...]] = {}
 
     def path(self, file: str) -> str:
         return os.path.join(self.tag_dir, file)
@@ -863,7 +866,9 @@ def _build(b: _Builder) -> Manifest:
             )
         stage_val = osd.get("zero_stage")
         if stage_val is None:
-            zero_stage, wrapper = 0, "bf16_optimizer"
+            # DeepSpeed's BF16_Optimizer (bf16 + ZeRO 1 + fp32 gradient accumulation, or the
+            # pipeline engine's bf16 at ZeRO 0) does not record the stage: the config does
+            zero_stage, wrapper = _configured_stage(optim_sd0, first), "bf16_optimizer"
         else:
             try:
                 zero_stage, wrapper = int(stage_val), "zero"
@@ -1017,6 +1022,16 @@ def _build(b: _Builder) -> Manifest:
         module_params = _module_params(
             b, sd, main_files[mp], tp_rank, pp_stage, pipeline, buffer_names
         )
+        if not pipeline:
+            module_keys = set(sd.get("module") or ())
+            for alias, source in list(b.aliases.items()):
+                if alias in module_keys and source not in module_keys:
+                    # saved with exclude_frozen_parameters=True: the frozen parameter's first
+                    # name was dropped from the module, its tied second name kept the data
+                    del b.aliases[alias]
+                    b.excluded_frozen = True
+        if zero_stage >= 2 and sd.get("frozen_param_shapes") is None:
+            b.excluded_frozen = True  # DeepSpeed writes {} when there is nothing to exclude
         if zero_stage == 3:
             _zero3_frozen(b, f, mp, topo, tp_rank, pp_stage, frozen_shapes)
         else:
@@ -1083,6 +1098,9 @@ def _build(b: _Builder) -> Manifest:
             "bf16_prefixed_files": f.bf16_prefix,
             "elastic_checkpoint": b.elastic,
             "frozen": tuple(sorted(b.frozen)),
+            "zero0_groups": dict(b.zero0_groups),
+            "excluded_frozen": b.excluded_frozen,
+            "frozen_recorded": zero_stage >= 2 and first.get("frozen_param_shapes") is not None,
             "client_summary": {k: _summary(first[k]) for k in client_keys},
             "client_scalars": {
                 k: first[k] for k in client_keys if isinstance(first[k], (int, float, str, bool))
@@ -1106,6 +1124,15 @@ def _pipeline_layers(f: _Files, sidecar: Sidecar | None) -> dict[str, Any]:
         for k, v in (record.get("ties") or {}).items()
     }
     return {"module_layers": tuple(sorted(modules)), "num_layers": count, "ties": ties}
+def _configured_stage(optim_sd: Any, model_sd: Mapping[str, Any]) -> int:
+    """``zero_optimization.stage`` of the config saved with the files (0 when absent)."""
+    for sd in (optim_sd, model_sd):
+        cfg = sd.get("ds_config") if isinstance(sd, Mapping) else None
+        if isinstance(cfg, Mapping):
+            zcfg = cfg.get("zero_optimization") or {}
+            if isinstance(zcfg, Mapping):
+                return int(zcfg.get("stage", 0) or 0)
+    return 0
 
 
 def _refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
@@ -1327,8 +1354,10 @@ def _zero12_optim(
             t = osd["single_partition_of_fp32_groups"][g]
             pad = (osd.get("group_paddings") or [0] * n_groups)[g]
             parts[dp] = (t, pad)
-        psize = parts[0][0].numel() + parts[0][1]
-        if any(t.numel() + pad != psize for t, pad in parts.values()):
+        # ZeRO 1/2 strip the tail padding from the saved partition; BF16_Optimizer keeps it
+        keeps_padding = "zero_stage" not in osd0
+        psize = parts[0][0].numel() + (0 if keeps_padding else parts[0][1])
+        if any(t.numel() + (0 if keeps_padding else pad) != psize for t, pad in parts.values()):
             raise CheckpointError(
                 f"{b.path(f.optim[(0, mp)])}: ZeRO partitions of group {g} have different sizes "
                 "across dp ranks; files from different saves?"
@@ -1577,6 +1606,7 @@ def _zero0_optim(
                 fp32_list.append(((*inner_key[:-1], "fp32_groups", g, i), t))
     # match optimizer indices (in order) to module parameters (in order) by shape
     ci = 0
+    index_names: dict[Any, str] = {}
     for pos, idx in enumerate(indices):
         ref_shape = None
         st = state.get(idx, {})
@@ -1597,6 +1627,7 @@ def _zero0_optim(
                 f"{b.path(file)}: cannot match optimizer parameter {idx} (shape {ref_shape}) to a "
                 "module parameter; add a lightning_reshape.json sidecar"
             )
+        index_names[idx] = name
         if pos < len(fp32_list):
             key, t = fp32_list[pos]
             _whole(b, name, ROLE_FP32, None, file, key, t, tp_rank, pp_stage)
@@ -1625,6 +1656,10 @@ def _zero0_optim(
                 )
     for name, _ in candidates[ci:]:
         b.frozen.add(name)
+    # the optimizer's param groups by name: what ZeRO 1/2/3 would flatten, group by group
+    b.zero0_groups[file] = tuple(
+        tuple(index_names[i] for i in g["params"]) for g in inner.get("param_groups", [])
+    )
     _optim_refs(b, file, opt, ("optimizer",))
 
 

@@ -10,6 +10,7 @@ format itself and compares raw bytes: neither torch nor DeepSpeed is imported.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,11 +24,14 @@ from lightning_reshape.checkpoint.manifest import (
     Manifest,
     TensorEntry,
 )
+from lightning_reshape.checkpoint.plan import read_source_meta, source_groups
 from lightning_reshape.checkpoint.reader import ShardReader, read_manifest
 from lightning_reshape.checkpoint.sidecar import TPSplit, read_sidecar
 from lightning_reshape.checkpoint.torchfile import Opaque, TensorRef, check_crcs, is_tensor
+from lightning_reshape.checkpoint.zero_layout import DEFAULT_SUB_GROUP_SIZE, zero3_layout
+from lightning_reshape.errors import ReshapeError
 
-__all__ = ["verify"]
+__all__ = ["verify", "layout_problems"]
 
 # Non-tensor state that must survive a reshape (layout keys such as dp_world_size may differ).
 _CARRIED = ("lr_scheduler", "global_steps", "global_samples", "skipped_steps", "data_sampler")
@@ -111,12 +115,16 @@ def _logical_keys(m: Manifest) -> dict[tuple[str, str, str | None], Any]:
     """Entries compared: masters, optimizer states, buffers, and weights with no master
     (frozen parameters; trainable weights are compared through their fp32 masters)."""
     masters = {e.name for e in m.entries(ROLE_FP32)}
+    frozen = set(m.extra.get("frozen", ()))
+    # ZeRO 0 with an fp32 model and a plain torch optimizer: the weights are the masters
+    own_masters = m.topology.zero_stage == 0 and m.optimizer_wrapper == "none"
     out = {}
     for e in m.tensors:
-        if e.role in (ROLE_FP32, ROLE_OPTIM, ROLE_BUFFER) or (
-            e.role == ROLE_PARAM and e.name not in masters
-        ):
+        if e.role in (ROLE_FP32, ROLE_OPTIM, ROLE_BUFFER):
             out[e.key] = e
+        elif e.role == ROLE_PARAM and e.name not in masters:
+            trainable = own_masters and e.dtype == "float32" and e.name not in frozen
+            out[(e.name, ROLE_FP32, None) if trainable else e.key] = e
     return out
 
 
@@ -146,6 +154,10 @@ def verify(
         diffs.append(msg)
         return limit is not None and len(diffs) >= limit
 
+    for m in (ma, mb):
+        for problem in layout_problems(m):
+            if add(problem):
+                return diffs
     ka, kb = _logical_keys(ma), _logical_keys(mb)
     for key in [k for k in ka if k not in kb] + [k for k in kb if k not in ka]:
         side = "a" if key in ka else "b"
@@ -216,6 +228,54 @@ def _split_record(m: Manifest) -> dict[str, TPSplit | None]:
 
 def _split_text(split: TPSplit | None) -> str:
     return "replicated" if split is None else f"dim {split.dim} stride {split.stride}"
+
+
+def layout_problems(m: Manifest) -> list[str]:
+    """Where the files' ZeRO layout is not the one DeepSpeed builds for their own config and dp,
+    which stock ``load_checkpoint`` refuses (or silently mis-assigns): each param group must list
+    one flat partition (ZeRO 1/2) or exactly the ZeRO 3 sub-groups that ``sub_group_size`` cuts
+    from it at this dp, holding the parameters ``param_shapes`` says."""
+    stage = m.topology.zero_stage
+    if stage not in (1, 2, 3):
+        return []
+    meta = read_source_meta(m)
+    zcfg = meta.ds_config.get("zero_optimization") or {}
+    sub_group_size = zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)
+    local = {e.name: math.prod(e.pieces[0].local_shape) for e in m.entries(ROLE_FP32) if e.pieces}
+    out = []
+    for mp, sizes in sorted(meta.param_group_sizes.items()):
+        file = os.path.join(m.root, meta.param_groups_ref[mp][0])
+        if stage in (1, 2):
+            if any(n != 1 for n in sizes):
+                out.append(
+                    f"{file}: optimizer param groups list {list(sizes)} flat partitions; ZeRO "
+                    f"{stage} keeps one per group, so stock load_checkpoint refuses them"
+                )
+            continue
+        try:
+            groups = source_groups(m, meta, mp)
+        except ReshapeError as exc:
+            out.append(str(exc))
+            continue
+        lay = zero3_layout(
+            [[(n, local[n]) for n in g] for g in groups],
+            m.topology.dp,
+            sub_group_size=sub_group_size,
+        )
+        want = tuple(
+            tuple(p.name for p in lay.sub_group_params(s)) for s in range(len(lay.sub_group_numels))
+        )
+        want_sizes = tuple(lay.sub_group_to_group.count(g) for g in range(len(groups)))
+        have = tuple(tuple(g) for g in meta.param_shapes[mp])
+        if want != have or want_sizes != tuple(sizes):
+            out.append(
+                f"{file}: ZeRO 3 sub-groups {[len(g) for g in have]} (parameters per sub-group, "
+                f"{list(sizes)} per param group) are not the {[len(g) for g in want]} "
+                f"({list(want_sizes)} per param group) DeepSpeed builds at dp={m.topology.dp} "
+                f"with zero_optimization.sub_group_size={sub_group_size}; stock load_checkpoint "
+                "refuses this layout"
+            )
+    return out
 
 
 def _main_file(m: Manifest) -> str:

@@ -127,6 +127,7 @@ class PPSpec:
     num_stages: bool = False  # PipelineModule(num_stages=pp): no model axis, files lack -model_XX
     tied: bool = False  # embedding and head share one TiedLayerSpec module
     acts: bool = False  # parameter-free modules and a plain function between the blocks
+    bf16: bool = False  # bf16 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer
 
 
 def _tp_group(topo: Any) -> Any:
@@ -194,6 +195,9 @@ def _engine(spec: PPSpec, world: int) -> Any:
         "zero_optimization": {"stage": spec.stage},
         "steps_per_print": 10**9,
     }
+    if spec.bf16:
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=cfg)
     return engine
 

@@ -56,6 +56,7 @@ def _convert(
     partition: str = "parameters",
     num_stages: bool = False,
     acts: bool = False,
+    bf16: bool = False,
 ) -> tuple[str, str, PPSpec, str]:
     """Convert; ``tp=0`` is the plain model at tp 1, ``tp >= 1`` the tensor-parallel one."""
     src = root / "src" / src_name
@@ -64,7 +65,9 @@ def _convert(
         label += f"-{partition}"
     dst = root / "out" / label.replace(">", "")
     convert_checkpoint(src, dst, tp=max(tp, 1), pp=pp, dp=dp, pp_partition=partition)
-    spec = PPSpec(src_name, pp, tp=tp, partition=partition, num_stages=num_stages, acts=acts)
+    spec = PPSpec(
+        src_name, pp, tp=tp, partition=partition, num_stages=num_stages, acts=acts, bf16=bf16
+    )
     return (label, str(dst), spec, str(src / "expected.pt"))
 
 
@@ -85,6 +88,7 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             PPSpec("tied2", 2, tied=True),
             PPSpec("act2", 2, acts=True),
             PPSpec("act1dp2", 1, acts=True),
+            PPSpec("bf16pp2", 2, bf16=True),
         ],
         timeout=300,
     )[0]
@@ -99,6 +103,7 @@ def pp_grid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     jobs2 += [_convert(root, s, pp, tp=tp) for s, tp, pp in TP_PAIRS]
     jobs2 += [_convert(root, s, pp, dp, partition="uniform") for s, pp, dp in UNIFORM_PAIRS]
     jobs2 += [_convert(root, s, pp, dp, acts=True) for s, pp, dp in ACT_PAIRS]
+    jobs2 += [_convert(root, "bf16pp2", 1, 2, bf16=True)]  # BF16_Optimizer: pp 2 -> dp 2
     res2 = run_distributed(load_worker, 2, jobs2, timeout=300)[0]
     return {"root": root, "parts": {**parts, **p1, **p3}, "results": {**res1, **res3, **res2}}
 
@@ -198,3 +203,19 @@ def test_pipeline_targets_refuse_zero_2_and_too_many_stages(
         convert_checkpoint(src, tmp_path / "z2", tp=1, pp=2, dp=1, zero_stage=2)
     with pytest.raises(LayoutError, match="pp=7"):
         convert_checkpoint(src, tmp_path / "pp7", tp=1, pp=7, dp=1)
+
+
+def test_bf16_optimizer_pipeline_reads_as_zero1_and_reshapes(
+    pp_grid: dict[str, Any], tmp_path: Path
+) -> None:
+    """bf16 with fp32 gradient accumulation (the Megatron-DeepSpeed recipe) saves DeepSpeed's
+    BF16_Optimizer files (``bf16_zero_pp_rank_*``, no recorded stage): read as ZeRO 1, pp 2 ->
+    dp 2 loads bit for bit, and a pp change without an explicit stage round-trips equal."""
+    src = pp_grid["root"] / "src" / "bf16pp2"
+    m = read_manifest(src)
+    assert (m.topology.zero_stage, m.optimizer_wrapper) == (1, "bf16_optimizer")
+    assert pp_grid["results"][_label("bf16pp2", 1, 2)] == []
+    a = convert_checkpoint(src, tmp_path / "pp3", tp=1, pp=3, dp=1)
+    b = convert_checkpoint(a.parent, tmp_path / "pp2", tp=1, pp=2, dp=1)
+    assert verify(src, a.parent) == [] and verify(src, b.parent) == []
+    assert sorted(p.name for p in b.glob("*.pt")) == sorted(p.name for p in src.glob("*/*.pt"))
