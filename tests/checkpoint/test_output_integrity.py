@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,12 +124,31 @@ def test_record_lists_every_file_with_size_and_crc(src: Path, tmp_path: Path) ->
     tag = (dst / "latest").read_text()
     record = json.loads((dst / tag / COMPLETE_MARKER).read_text())
     on_disk = sorted(p.name for p in (dst / tag).iterdir() if not p.name.startswith("."))
-    assert record["checksum"] == "crc32"
+    assert record["checksum"] == execute.CHECKSUM
     assert sorted(record["files"]) == on_disk
     assert OPTIM in on_disk and "mp_rank_00_model_states.pt" in on_disk
     for name, entry in record["files"].items():
         assert (entry["size"], entry["crc32"]) == execute.file_checksum(dst / tag / name)
     assert not list((dst / tag).glob(".*.sum"))  # the writers' sums are folded into the record
+
+
+def test_block_checksums_locate_damage(tmp_path: Path) -> None:
+    """A file of several blocks: each block's CRC-32 is zlib's of those bytes (threads give the
+    same list), and a flipped byte is reported with the byte range of its block."""
+    block = execute.CHECKSUM_BLOCK
+    data = bytearray(os.urandom(2 * block + 12345))
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(data))
+    size, crcs = execute.file_checksum(path, threads=3)
+    assert size == len(data)
+    assert crcs == [f"{zlib.crc32(data[a : a + block]):08x}" for a in range(0, size, block)]
+    assert execute.file_checksum(path, threads=1) == (size, crcs)
+    record = {"files": {"f.bin": {"size": size, "crc32": crcs}}}
+    assert execute.check_output(tmp_path, record) == []
+    data[2 * block + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    [(name, why)] = execute.check_output(tmp_path, record, workers=2)
+    assert name == "f.bin" and f"of bytes {2 * block}-{size}" in why and "1 damaged block" in why
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "record"])
