@@ -7,18 +7,19 @@ target's with ``os.copy_file_range`` (in the kernel, no user-space buffer); only
 through a small buffer (and import torch). Memory stays at the metadata plus one chunk, whatever
 the size of the checkpoint. Source files are only ever opened read-only. Adjacent runs are merged
 into one copy, and write-back of copied blocks starts at once, so the closing fsync overlaps the
-copy (measured: the library call costs about one durable ``cat`` of the same bytes).
+copy (measured: the library call costs about one durable ``cat`` of the same bytes, plus reading
+the output back once for its checksums, about 0.35 s of CPU per GB).
 
 Output protocol: one writer at a time per output (an exclusive lock file ``.<tag>.lock`` beside
 it, held by the process that prepares and finalizes; a second writer waits, then finds the
 first one's output complete and reuses it). Files go into a partial folder beside the
-destination (``.<tag>.partial``), each written as ``name.tmp``, fsynced, checksummed (CRC-32,
-kept in ``.name.sum``) and renamed; when all are there the completion record (every file with
-its size and CRC-32) is written into the folder, which is fsynced and renamed to ``<tag>``, so
-the output appears complete atomically or not at all; ``latest`` is updated last. An existing
-complete output of the same plan is reused only after every file's size and CRC-32 match its
-record; damaged files are redone. Any error while writing removes the partial folder (a kill
-leaves it, and the next run keeps its finished files).
+destination (``.<tag>.partial``), each written as ``name.tmp``, fsynced, checksummed (CRC-32
+per 8 MiB block, kept in ``.name.sum`` by its writer) and renamed; when all are there the
+completion record (every file with its size and block CRC-32s) is written into the folder,
+which is fsynced and renamed to ``<tag>``, so the output appears complete atomically or not at
+all; ``latest`` is updated last. An existing complete output of the same plan is reused only
+after every file matches its record; damaged files are redone. Any error while writing removes
+the partial folder (a kill leaves it, and the next run keeps its finished files).
 """
 
 from __future__ import annotations
