@@ -644,17 +644,20 @@ def _fsync_dir(path: Path) -> None:
 
 def _reopen(final: Path, part: Path, damaged: list[str] | None) -> None:
     """Turn a damaged complete output back into a partial folder, without its damaged files
-    (``None``: all of them), so that only those are written again."""
-    os.remove(final / COMPLETE_MARKER)  # first: from here on it is no longer complete
-    if part.exists():
-        shutil.rmtree(part)
-    os.rename(final, part)
-    for p in part.iterdir():
+    (``None``: all of them), so that only those are written again.
+
+    Order matters for a kill half-way: the record goes first (no longer complete: the next run
+    redoes it all), then the damaged files, and only then the folder becomes partial (whose
+    files are trusted as finished)."""
+    os.remove(final / COMPLETE_MARKER)
+    for p in final.iterdir():
         if p.name == PARTIAL_MARKER or p.name.startswith("."):
             continue
         if damaged is None or p.name in damaged:
             p.unlink()
-            _sum_path(part, p.name).unlink(missing_ok=True)
+    if part.exists():
+        shutil.rmtree(part)
+    os.rename(final, part)
 
 
 def _check_free_space(plan: Plan, part: Path) -> None:

@@ -242,6 +242,34 @@ def test_concurrent_converts_one_winner(
         _no_partial(dst)
 
 
+def test_lock_of_a_killed_writer_is_not_stale(
+    src: Path, reference: dict[str, str], tmp_path: Path
+) -> None:
+    """A writer killed (-9) while holding the lock, its partial folder half written: the next
+    convert takes the lock at once and ends with the correct output."""
+    dst = tmp_path / "out"
+    code = (
+        "import os, signal, sys\n"
+        "from lightning_reshape.checkpoint.execute import lock_output, partial_dir\n"
+        "lock_output(sys.argv[1], sys.argv[2])\n"
+        "part = partial_dir(sys.argv[1], sys.argv[2])\n"
+        "part.mkdir()\n"
+        "(part / 'mp_rank_00_model_states.pt.tmp').write_bytes(b'half')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    tag = (src / "latest").read_text().strip()
+    killed = subprocess.run([sys.executable, "-c", code, str(dst), tag], env=env, timeout=60)
+    assert killed.returncode == -9
+    assert (dst / f".{tag}.partial").is_dir()
+    t0 = time.monotonic()
+    proc = _run_cli(_convert(src, dst))
+    assert proc.returncode == 0 and "waiting" not in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert _hashes(dst) == reference
+    _no_partial(dst)
+
+
 # ------------------------------------------------------------------------------- kind 3
 
 
