@@ -334,6 +334,23 @@ def test_read_only_destination(src: Path, tmp_path: Path) -> None:
         assert list(fs.iterdir()) == []
 
 
+def test_immutable_destination(src: Path, tmp_path: Path) -> None:
+    """EPERM, real even for root: an immutable folder (``chattr +i``) as the destination and as
+    the destination's parent."""
+    folder = tmp_path / "frozen"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        for dst in (folder, folder / "out"):
+            proc = _run_cli(_convert(src, dst))
+            assert proc.returncode == 2, proc.stderr
+            _one_error_line(proc.stderr, str(folder), "operation not permitted", "EPERM")
+        assert list(folder.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
 def test_file_size_limit(src: Path, reference: dict[str, str], tmp_path: Path) -> None:
     """RLIMIT_FSIZE below the optimizer shard's size: EFBIG (SIGXFSZ is ignored by the CLI),
     one line naming the file, exit 2, partial removed, the source untouched."""
