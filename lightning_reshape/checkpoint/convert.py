@@ -97,9 +97,10 @@ def convert_checkpoint(
 
     ``pp_partition`` is the target PipelineModule's ``partition_method`` ("parameters",
     "uniform" or boundaries "0,3,6"). The tag is the source's unless ``tag`` is given;
-    ``dst/latest`` points at it (unless ``dst`` is the source's own save dir, whose ``latest`` is
-    left alone). Returns the tag folder. ``check_crc=False`` skips the CRC-32 check of the
-    source's tensor records (the output's CRC-32s are written either way).
+    ``dst/latest`` points at it (unless ``dst`` is the source's own save dir, possible when
+    ``src`` names the tag folder, whose ``latest`` is left alone). Returns the tag folder.
+    ``check_crc=False`` skips the CRC-32 check of the source's tensor records (the output's
+    CRC-32s are written either way).
 
     Refused (CheckpointError, before anything is written): a destination that is an existing
     file or lies under one, and a destination inside the source tree (the path given as ``src``

@@ -7,18 +7,19 @@ target's with ``os.copy_file_range`` (in the kernel, no user-space buffer); only
 through a small buffer (and import torch). Memory stays at the metadata plus one chunk, whatever
 the size of the checkpoint. Source files are only ever opened read-only. Adjacent runs are merged
 into one copy, and write-back of copied blocks starts at once, so the closing fsync overlaps the
-copy (measured: the library call costs about one durable ``cat`` of the same bytes).
+copy (measured: the library call costs about one durable ``cat`` of the same bytes, plus reading
+the output back once for its checksums, about 0.35 s of CPU per GB).
 
 Output protocol: one writer at a time per output (an exclusive lock file ``.<tag>.lock`` beside
 it, held by the process that prepares and finalizes; a second writer waits, then finds the
 first one's output complete and reuses it). Files go into a partial folder beside the
-destination (``.<tag>.partial``), each written as ``name.tmp``, fsynced, checksummed (CRC-32,
-kept in ``.name.sum``) and renamed; when all are there the completion record (every file with
-its size and CRC-32) is written into the folder, which is fsynced and renamed to ``<tag>``, so
-the output appears complete atomically or not at all; ``latest`` is updated last. An existing
-complete output of the same plan is reused only after every file's size and CRC-32 match its
-record; damaged files are redone. Any error while writing removes the partial folder (a kill
-leaves it, and the next run keeps its finished files).
+destination (``.<tag>.partial``), each written as ``name.tmp``, fsynced, checksummed (CRC-32
+per 8 MiB block, kept in ``.name.sum`` by its writer) and renamed; when all are there the
+completion record (every file with its size and block CRC-32s) is written into the folder,
+which is fsynced and renamed to ``<tag>``, so the output appears complete atomically or not at
+all; ``latest`` is updated last. An existing complete output of the same plan is reused only
+after every file matches its record; damaged files are redone. Any error while writing removes
+the partial folder (a kill leaves it, and the next run keeps its finished files).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import zlib
 from collections import OrderedDict
@@ -559,29 +561,49 @@ def execute_plan(
 # checksums, resource errors, the lock
 
 
-def file_checksum(path: str | os.PathLike[str]) -> tuple[int, str]:
-    """(size, CRC-32 as 8 hex digits) of a file, read in chunks.
+CHECKSUM_BLOCK = 8 << 20
+CHECKSUM = "crc32 per 8 MiB block"
 
-    Why CRC-32 (zlib): the fastest checksum in the standard library (zlib releases the GIL, so
-    threads checksum files in parallel), it catches every error burst up to 32 bits and, with the
-    size, every truncation; damage here is accidental (disks, copies, people), not forged, so a
-    cryptographic hash would only cost time. The zip records inside a torch file use it too.
+
+def file_checksum(path: str | os.PathLike[str], *, threads: int = 2) -> tuple[int, list[str]]:
+    """(size, CRC-32 of each 8 MiB block as 8 hex digits) of a file, ``threads`` blocks at once.
+
+    Why CRC-32 (zlib): the fastest checksum in the standard library (about 1 GB/s a core here;
+    BLAKE2b and SHA-256 are 2-5x slower), it catches every error burst up to 32 bits and, with
+    the size, every truncation; damage here is accidental (disks, copies, people), not forged,
+    so a cryptographic hash would only cost time. The zip records of a torch file use it too.
+    Why per block: blocks are checksummed in parallel (zlib releases the GIL), so one large
+    shard does not cost one core's time, and a mismatch says where the damage is.
     """
-    crc = size = 0
-    buf = bytearray(CHUNK_BYTES)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as fh:
-        while n := fh.readinto(buf):
-            crc = zlib.crc32(view[:n], crc)
-            size += n
-    return size, f"{crc:08x}"
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+
+        buffers = threading.local()  # one reused buffer per thread: no page faults per block
+
+        def one(at: int) -> str:
+            buf = getattr(buffers, "buf", None)
+            if buf is None:
+                buf = buffers.buf = memoryview(bytearray(CHECKSUM_BLOCK))
+            n = os.preadv(fd, [buf], at)
+            return f"{zlib.crc32(buf[:n]):08x}" if n == min(CHECKSUM_BLOCK, size - at) else ""
+
+        starts = range(0, size, CHECKSUM_BLOCK)
+        if threads <= 1 or len(starts) <= 1:
+            crcs = [one(at) for at in starts]
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                crcs = list(pool.map(one, starts))
+    finally:
+        os.close(fd)
+    return size, crcs
 
 
 def _sum_path(folder: Path, name: str) -> Path:
     return folder / f".{name}.sum"
 
 
-def _write_sum(folder: Path, name: str, size: int, crc: str) -> None:
+def _write_sum(folder: Path, name: str, size: int, crc: list[str]) -> None:
     """The writer's checksum of a finished file, read back by whoever finalizes the output (so
     every rank checksums only the files it wrote, while they are still in the page cache)."""
     tmp = _sum_path(folder, name).with_suffix(".tmp")
@@ -672,8 +694,17 @@ def check_output(
             return name, f"unreadable ({exc.strerror})"
         if not isinstance(want, dict) or size != want.get("size"):
             return name, f"{size} bytes, the record says {want.get('size')}"
-        if crc != want.get("crc32"):
-            return name, f"CRC-32 {crc}, the record says {want.get('crc32')}"
+        recorded = want.get("crc32")
+        if not isinstance(recorded, list) or len(recorded) != len(crc):
+            return name, "its record has no block checksums"
+        bad = [k for k, (got, said) in enumerate(zip(crc, recorded, strict=True)) if got != said]
+        if bad:
+            k = bad[0]
+            end = min(size, (k + 1) * CHECKSUM_BLOCK)
+            return name, (
+                f"CRC-32 {crc[k] or 'unreadable'} of bytes {k * CHECKSUM_BLOCK}-{end}, the "
+                f"record says {recorded[k]} ({len(bad)} damaged block(s))"
+            )
         return None
 
     items = sorted(record["files"].items())
@@ -691,17 +722,20 @@ def _fsync_dir(path: Path) -> None:
 
 def _reopen(final: Path, part: Path, damaged: list[str] | None) -> None:
     """Turn a damaged complete output back into a partial folder, without its damaged files
-    (``None``: all of them), so that only those are written again."""
-    os.remove(final / COMPLETE_MARKER)  # first: from here on it is no longer complete
-    if part.exists():
-        shutil.rmtree(part)
-    os.rename(final, part)
-    for p in part.iterdir():
+    (``None``: all of them), so that only those are written again.
+
+    Order matters for a kill half-way: the record goes first (no longer complete: the next run
+    redoes it all), then the damaged files, and only then the folder becomes partial (whose
+    files are trusted as finished)."""
+    os.remove(final / COMPLETE_MARKER)
+    for p in final.iterdir():
         if p.name == PARTIAL_MARKER or p.name.startswith("."):
             continue
         if damaged is None or p.name in damaged:
             p.unlink()
-            _sum_path(part, p.name).unlink(missing_ok=True)
+    if part.exists():
+        shutil.rmtree(part)
+    os.rename(final, part)
 
 
 def _check_free_space(plan: Plan, part: Path) -> None:
@@ -762,6 +796,11 @@ def prepare_output(
                 _reopen(final, part, None)
             else:
                 damaged = check_output(final, record, workers=workers)
+                damaged += [
+                    (f.name, "not in the record")
+                    for f in plan.files
+                    if f.name not in record["files"]
+                ]
                 if not damaged:
                     return final, True
                 log.warning(
@@ -821,11 +860,9 @@ def finalize_output(
     with output_errors(final):
         if plan.sidecar is not None:
             write_sidecar(part, plan.sidecar)
-        names = sorted(
-            p.name
-            for p in part.iterdir()
-            if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".tmp")
-        )
+        for stale in part.glob("*.tmp"):  # left by a writer that was killed: never data
+            stale.unlink()
+        names = sorted(p.name for p in part.iterdir() if p.is_file() and not p.name.startswith("."))
 
         def entry(name: str) -> dict[str, Any]:
             known = _read_sum(part, name)
@@ -841,7 +878,7 @@ def finalize_output(
             "source": os.path.join(plan.source_root),
             "source_layout": plan.source,
             "target": str(plan.target),
-            "checksum": "crc32",
+            "checksum": CHECKSUM,
             "files": files,
         }
         for name in names:

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,12 +124,31 @@ def test_record_lists_every_file_with_size_and_crc(src: Path, tmp_path: Path) ->
     tag = (dst / "latest").read_text()
     record = json.loads((dst / tag / COMPLETE_MARKER).read_text())
     on_disk = sorted(p.name for p in (dst / tag).iterdir() if not p.name.startswith("."))
-    assert record["checksum"] == "crc32"
+    assert record["checksum"] == execute.CHECKSUM
     assert sorted(record["files"]) == on_disk
     assert OPTIM in on_disk and "mp_rank_00_model_states.pt" in on_disk
     for name, entry in record["files"].items():
         assert (entry["size"], entry["crc32"]) == execute.file_checksum(dst / tag / name)
     assert not list((dst / tag).glob(".*.sum"))  # the writers' sums are folded into the record
+
+
+def test_block_checksums_locate_damage(tmp_path: Path) -> None:
+    """A file of several blocks: each block's CRC-32 is zlib's of those bytes (threads give the
+    same list), and a flipped byte is reported with the byte range of its block."""
+    block = execute.CHECKSUM_BLOCK
+    data = bytearray(os.urandom(2 * block + 12345))
+    path = tmp_path / "f.bin"
+    path.write_bytes(bytes(data))
+    size, crcs = execute.file_checksum(path, threads=3)
+    assert size == len(data)
+    assert crcs == [f"{zlib.crc32(data[a : a + block]):08x}" for a in range(0, size, block)]
+    assert execute.file_checksum(path, threads=1) == (size, crcs)
+    record = {"files": {"f.bin": {"size": size, "crc32": crcs}}}
+    assert execute.check_output(tmp_path, record) == []
+    data[2 * block + 5] ^= 0x10
+    path.write_bytes(bytes(data))
+    [(name, why)] = execute.check_output(tmp_path, record, workers=2)
+    assert name == "f.bin" and f"of bytes {2 * block}-{size}" in why and "1 damaged block" in why
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "record"])
@@ -222,6 +242,34 @@ def test_concurrent_converts_one_winner(
         _no_partial(dst)
 
 
+def test_lock_of_a_killed_writer_is_not_stale(
+    src: Path, reference: dict[str, str], tmp_path: Path
+) -> None:
+    """A writer killed (-9) while holding the lock, its partial folder half written: the next
+    convert takes the lock at once and ends with the correct output."""
+    dst = tmp_path / "out"
+    code = (
+        "import os, signal, sys\n"
+        "from lightning_reshape.checkpoint.execute import lock_output, partial_dir\n"
+        "lock_output(sys.argv[1], sys.argv[2])\n"
+        "part = partial_dir(sys.argv[1], sys.argv[2])\n"
+        "part.mkdir()\n"
+        "(part / 'mp_rank_00_model_states.pt.tmp').write_bytes(b'half')\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    tag = (src / "latest").read_text().strip()
+    killed = subprocess.run([sys.executable, "-c", code, str(dst), tag], env=env, timeout=60)
+    assert killed.returncode == -9
+    assert (dst / f".{tag}.partial").is_dir()
+    t0 = time.monotonic()
+    proc = _run_cli(_convert(src, dst))
+    assert proc.returncode == 0 and "waiting" not in proc.stderr, proc.stderr
+    assert time.monotonic() - t0 < 60
+    assert _hashes(dst) == reference
+    _no_partial(dst)
+
+
 # ------------------------------------------------------------------------------- kind 3
 
 
@@ -284,6 +332,23 @@ def test_read_only_destination(src: Path, tmp_path: Path) -> None:
         assert proc.returncode == 2
         _one_error_line(proc.stderr, str(fs / "out"), "read-only file system", "EROFS")
         assert list(fs.iterdir()) == []
+
+
+def test_immutable_destination(src: Path, tmp_path: Path) -> None:
+    """EPERM, real even for root: an immutable folder (``chattr +i``) as the destination and as
+    the destination's parent."""
+    folder = tmp_path / "frozen"
+    folder.mkdir()
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        for dst in (folder, folder / "out"):
+            proc = _run_cli(_convert(src, dst))
+            assert proc.returncode == 2, proc.stderr
+            _one_error_line(proc.stderr, str(folder), "operation not permitted", "EPERM")
+        assert list(folder.iterdir()) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
 
 
 def test_file_size_limit(src: Path, reference: dict[str, str], tmp_path: Path) -> None:
