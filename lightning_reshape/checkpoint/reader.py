@@ -771,6 +771,12 @@ def _build(b: _Builder) -> Manifest:
                 "it (the file is damaged or not a DeepSpeed optimizer shard)"
             )
         stage_val = osd.get("zero_stage")
+        if stage_val is None and not ofile.startswith("bf16_"):
+            raise CheckpointError(
+                f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is missing; a ZeRO "
+                "optimizer shard records it (only DeepSpeed's bf16 optimizer, whose files start "
+                "with bf16_, does not): the file is damaged"
+            )
         if stage_val is None:
             zero_stage, wrapper = 0, "bf16_optimizer"
         else:

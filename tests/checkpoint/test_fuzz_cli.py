@@ -178,6 +178,17 @@ def test_damaged_corpus_gives_one_line_or_success(
     assert not [k for k in accepted_keys if any(n in k for n in needed)]
 
 
+def test_missing_zero_stage_names_the_key(ckpt_root: Mapping[int, Path], tmp_path: Path) -> None:
+    """Was: "target zero_stage=0 is not supported" (the damaged source read as ZeRO 0)."""
+    src = _prepare(ckpt_root, tmp_path, "z1")
+    rewrite(src / TAG / OPTIM[0], src / TAG / OPTIM[0], _drop(OSD, "zero_stage"))
+    for args in (["inspect", str(src)], ["convert", str(src), str(tmp_path / "out")]):
+        extra = ["--tp", "1", "--dp", "1"] if args[0] == "convert" else []
+        code, err = run_cli(*args, *extra)
+        assert code == 2 and len(err) == 1, err
+        assert f"{OPTIM[0]}: key optimizer_state_dict.zero_stage is missing" in err[0]
+
+
 @pytest.mark.parametrize(
     "case",
     [
