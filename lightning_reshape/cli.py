@@ -363,7 +363,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except ReshapeError as err:
-        print(f"lightning-reshape {args.command}: error: {err}", file=sys.stderr)
+        text = " ".join(str(err).splitlines())  # one line, whatever a file put in the message
+        print(f"lightning-reshape {args.command}: error: {text}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly, as Unix tools do
         sys.stderr.close()

@@ -291,7 +291,7 @@ def _write_file(
             for file in {r[0] for r in ranges}:
                 src_fds[file] = src_files[file].open()
             if checked is not None:
-                _check_sources(plan, carried, jobs, src_files, src_fds, checked)
+                _check_sources(carried, jobs, src_files, src_fds, checked)
             small: list[tuple[str, int, int, int]] = []
             for file, src_off, dst_off, nbytes in _coalesce(ranges):
                 if nbytes < SMALL_RANGE_BYTES:
@@ -312,7 +312,6 @@ def _write_file(
 
 
 def _check_sources(
-    plan: Plan,
     carried: list[tuple[str, StorageRef, StorageRef]],
     jobs: list[tuple[TensorRef, list[tuple[str, TensorRef, int, int, int]]]],
     src_files: dict[str, torchfile.StoredFile],
@@ -328,8 +327,8 @@ def _check_sources(
     used += [(file, t.storage.key) for _, runs in jobs for file, t, *_ in runs if t.storage.file]
     for file, key in dict.fromkeys(used):
         stored = src_files.get(file)
-        if stored is None:
-            continue  # only read through a cast: torch checks nothing, neither do we
+        if stored is None:  # pragma: no cover - every source tensor was read from a file
+            continue
         mark = (stored.identity, file, key)
         if mark in checked:
             continue

@@ -865,6 +865,12 @@ def _build(b: _Builder) -> Manifest:
                 "it (the file is damaged or not a DeepSpeed optimizer shard)"
             )
         stage_val = osd.get("zero_stage")
+        if stage_val is None and not ofile.startswith("bf16_"):
+            raise CheckpointError(
+                f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is missing; a ZeRO "
+                "optimizer shard records it (only DeepSpeed's bf16 optimizer, whose files start "
+                "with bf16_, does not): the file is damaged"
+            )
         if stage_val is None:
             # DeepSpeed's BF16_Optimizer (bf16 + ZeRO 1 + fp32 gradient accumulation, or the
             # pipeline engine's bf16 at ZeRO 0) does not record the stage: the config does

@@ -30,6 +30,7 @@ import io
 import mmap
 import os
 import pickle
+import pickletools
 import re
 import struct
 import threading
@@ -592,6 +593,11 @@ def _ints(value: Any, what: str, path: str) -> tuple[int, ...]:
     return tuple(value)
 
 
+def _printable(name: str) -> str:
+    """A name from the file, as one short line (a damaged pickle can put anything in it)."""
+    return name if name.isprintable() and len(name) < 200 else repr(name[:200])
+
+
 def _clip(value: Any) -> str:
     text = repr(value)
     return text if len(text) < 60 else text[:57] + "..."
@@ -702,8 +708,8 @@ class _Unpickler(pickle.Unpickler):
         if dotted in ALLOWED_GLOBALS or self.trusted:
             return _opaque_type(module, name)
         raise UnsafeCheckpointError(
-            f"{self.file.path}: refusing to unpickle {dotted}, which is not on the allow-list of "
-            f"types DeepSpeed/Lightning checkpoints contain; {TRUST_HINT}"
+            f"{self.file.path}: refusing to unpickle {_printable(dotted)}, which is not on the "
+            f"allow-list of types DeepSpeed/Lightning checkpoints contain; {TRUST_HINT}"
         )
 
     def _budgeted(self, name: str, fn: Any, item_bytes: int) -> Any:
@@ -763,6 +769,73 @@ class _Unpickler(pickle.Unpickler):
         return ref
 
 
+def _opcode_args() -> tuple[int, ...]:
+    """Per opcode byte: 0 no argument, n > 0 a fixed n-byte argument, -1 a text line, -2/-3/
+    -4/-5 a 1/4/4/8-byte length and that many bytes; -9 not an opcode."""
+    table = [-9] * 256
+    for op in pickletools.opcodes:
+        table[ord(op.code)] = 0 if op.arg is None else op.arg.n
+    return tuple(table)
+
+
+_OP_ARGS = _opcode_args()
+_LEN_WIDTH = {-2: 1, -3: 4, -4: 4, -5: 8}
+_SIGNED_LEN = {ord("T"), 0x8B}  # BINSTRING, LONG4
+_PUT, _LONG_BINPUT, _FRAME, _STOP = ord("p"), ord("r"), 0x95, ord(".")
+_TWO_LINES = {ord("c"), ord("i")}  # GLOBAL, INST: module and name
+
+
+def _check_opcodes(data: bytes, path: str) -> None:
+    """Refuse a pickle whose opcodes would make the unpickler allocate by a number in the
+    file rather than by the file's size: a memo index (C's unpickler grows its memo array to
+    twice the index: one flipped byte asked for 16 GB here) or a length past the end of the
+    data. Walks the opcodes without building anything; a malformed stream is left to the
+    unpickler, which reports it."""
+    n, i = len(data), 0
+    table, widths = _OP_ARGS, _LEN_WIDTH
+    while i < n:
+        code = data[i]
+        kind = table[code]
+        i += 1
+        if kind == 0:
+            if code == _STOP:
+                return
+        elif kind > 0:
+            if code == _LONG_BINPUT or code == _FRAME:
+                value = int.from_bytes(data[i : i + kind], "little")
+                limit = n if code == _LONG_BINPUT else n - i - kind
+                if value > limit:
+                    raise CheckpointError(
+                        f"{path}: data.pkl opcode at byte {i - 1} asks for {value} "
+                        f"{'memo slots' if code == _LONG_BINPUT else 'bytes'} in a {n}-byte "
+                        "pickle; the file is damaged or hostile"
+                    )
+            i += kind
+        elif kind == -1:
+            j = data.find(b"\n", i)
+            if j >= 0 and code in _TWO_LINES:
+                j = data.find(b"\n", j + 1)
+            if j < 0:
+                return
+            if code == _PUT and data[i:j].strip().isdigit() and int(data[i:j]) > n:
+                raise CheckpointError(
+                    f"{path}: data.pkl opcode at byte {i - 1} asks for memo slot "
+                    f"{int(data[i:j])} in a {n}-byte pickle; the file is damaged or hostile"
+                )
+            i = j + 1
+        elif kind in widths:
+            w = widths[kind]
+            size = int.from_bytes(data[i : i + w], "little", signed=code in _SIGNED_LEN)
+            if size < 0 or size > n - i - w:
+                raise CheckpointError(
+                    f"{path}: data.pkl opcode at byte {i - 1} claims {size} bytes, "
+                    f"{n - i - w} remain; the file is damaged or hostile"
+                )
+            i += w + size
+        else:
+            return
+
+
 def _local_data_offset(fh: Any, info: zipfile.ZipInfo) -> int:
     """Where a stored record's bytes start: after its local header, name and extra field."""
     header = os.pread(fh.fileno(), 30, info.header_offset)
@@ -804,6 +877,7 @@ def load(path: str | os.PathLike[str], *, trust_checkpoint: bool = False) -> Any
                 if off + n > size:
                     raise CheckpointError(f"{path}: storage data/{key} runs past the end of file")
             data = zf.read(pkl[0])
+        _check_opcodes(data, path)
         obj = _Unpickler(
             data, StoredFile(path, offsets, _identity(st), crcs), trust_checkpoint
         ).load()

@@ -1,9 +1,10 @@
 """The CLI over a corpus of damaged real DeepSpeed checkpoints: no traceback, no hang, ever.
 
-Corpus (seeded, so every run tries the same cases), built from the dp-2 ZeRO-1 (AdamW) and
-ZeRO-2 (Adagrad) saves: single-bit flips inside ``data.pkl`` of the model and both optimizer
-shards with the zip CRC-32 fixed up (so the zip layer cannot notice), truncations, and missing,
-renamed or mistyped keys. ``inspect`` and ``convert`` (dp 2 -> 1) run on each, in this process
+Corpus (seeded, so every run tries the same cases), built from the 2-process saves: single-bit
+flips inside ``data.pkl`` of any file of the ZeRO-1, ZeRO-2, ZeRO-3, tp-2 and pipeline saves
+with the zip CRC-32 fixed up (so the zip layer cannot notice); truncations and missing, renamed
+or mistyped keys in the model and both optimizer shards of the ZeRO-1 (AdamW) and ZeRO-2
+(Adagrad) saves. ``inspect`` and ``convert`` (dp 2 -> 1) run on each, in this process
 (``cli.main``, no interpreter start per case) under a 60 s alarm; a few run as real commands.
 
 Every run must end in exit 0 (the damage did not matter: a flipped bit in a float or a config
@@ -31,7 +32,8 @@ MODEL = "mp_rank_00_model_states.pt"
 OPTIM = ("zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt")
 FILES = (MODEL, *OPTIM)
 SAVES = ("z1", "z2")
-FLIPS = 96
+FLIP_SAVES = ("z1", "z2", "z3", "tp_z1", "pp_z1")  # ZeRO 1, 2, 3, tensor and pipeline parallel
+FLIPS = 100
 TRUNCATE_AT = (0.05, 0.5, 0.95, -1)  # fraction of the file kept; -1: all but the last byte
 
 
@@ -102,12 +104,14 @@ def _cases() -> list[tuple[str, str, Callable[[Path], str]]]:
     """(label, save name, damage(tag dir) -> description) for the whole corpus."""
     cases: list[tuple[str, str, Callable[[Path], str]]] = []
     for seed in range(FLIPS):
-        save, file = SAVES[seed % 2], FILES[(seed // 2) % 3]
+        save = FLIP_SAVES[seed % len(FLIP_SAVES)]
 
-        def flip(tag: Path, file: str = file, seed: int = seed) -> str:
-            return flip_pkl_byte(tag / file, seed)
+        def flip(tag: Path, seed: int = seed) -> str:
+            files = sorted(p.name for p in tag.glob("*.pt"))
+            file = files[(seed // len(FLIP_SAVES)) % len(files)]
+            return f"{file}: {flip_pkl_byte(tag / file, seed)}"
 
-        cases.append((f"flip {seed} {file}", save, flip))
+        cases.append((f"flip {seed} {save}", save, flip))
     for save in SAVES:
         for file in FILES:
             for keep in TRUNCATE_AT:
@@ -176,6 +180,17 @@ def test_damaged_corpus_gives_one_line_or_success(
     needed = ("optimizer_state_dict", "fp32_groups", "base_optimizer", "zero_stage", "module")
     needed += ("param_shapes", "dp_world_size", "partition_count", "buffer_names")
     assert not [k for k in accepted_keys if any(n in k for n in needed)]
+
+
+def test_missing_zero_stage_names_the_key(ckpt_root: Mapping[int, Path], tmp_path: Path) -> None:
+    """Was: "target zero_stage=0 is not supported" (the damaged source read as ZeRO 0)."""
+    src = _prepare(ckpt_root, tmp_path, "z1")
+    rewrite(src / TAG / OPTIM[0], src / TAG / OPTIM[0], _drop(OSD, "zero_stage"))
+    for args in (["inspect", str(src)], ["convert", str(src), str(tmp_path / "out")]):
+        extra = ["--tp", "1", "--dp", "1"] if args[0] == "convert" else []
+        code, err = run_cli(*args, *extra)
+        assert code == 2 and len(err) == 1, err
+        assert f"{OPTIM[0]}: key optimizer_state_dict.zero_stage is missing" in err[0]
 
 
 @pytest.mark.parametrize(

@@ -137,6 +137,24 @@ def test_allocation_budget(ckpt_root: Mapping[int, Path], tmp_path: Path, payloa
     _refused(save, tmp_path, "would allocate over")
 
 
+@pytest.mark.parametrize(
+    "pkl",
+    [
+        b"\x80\x02]r\x00\x00\x00\x40.",  # LONG_BINPUT 2^30: C's memo would grow to 2^31 slots
+        b"\x80\x02]p99999999\n.",  # PUT, the same in text
+        b"\x80\x02B\xff\xff\xff\x7fab.",  # BINBYTES claiming 2 GiB
+    ],
+    ids=["long-binput", "put", "binbytes"],
+)
+def test_opcode_numbers_bounded_by_the_pickle(tmp_path: Path, pkl: bytes) -> None:
+    """Found by fuzzing: one flipped byte made a LONG_BINPUT index of ~10^9, and the C unpickler
+    filled a memo array of twice that (16 GB resident, the process OOM-killed)."""
+    path = tmp_path / "memo.pt"
+    zip_with_pkl(path, pkl)
+    with pytest.raises(CheckpointError, match=r"memo\.pt: data\.pkl opcode at byte [23] "):
+        torchfile.load(path)
+
+
 def test_self_containing_and_shared_trees(tmp_path: Path) -> None:
     """A list holding itself, and 60 levels of [x, x] (2^60 leaves walked as a tree)."""
     loop: list[Any] = []
