@@ -1130,6 +1130,8 @@ def _pipeline_layers(f: _Files, sidecar: Sidecar | None) -> dict[str, Any]:
         for k, v in (record.get("ties") or {}).items()
     }
     return {"module_layers": tuple(sorted(modules)), "num_layers": count, "ties": ties}
+
+
 def _configured_stage(optim_sd: Any, model_sd: Mapping[str, Any]) -> int:
     """``zero_optimization.stage`` of the config saved with the files (0 when absent)."""
     for sd in (optim_sd, model_sd):
