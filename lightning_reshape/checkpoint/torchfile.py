@@ -243,9 +243,9 @@ class StoredFile:
 
 
 try:  # ISA-L's CRC-32 is about 5x zlib's; the same polynomial and values
-    from isal.isal_zlib import crc32 as _crc32
+    from isal.isal_zlib import crc32
 except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
-    _crc32 = zlib.crc32
+    crc32 = zlib.crc32
 
 CRC_CHUNK = 8 << 20
 
@@ -258,7 +258,7 @@ def crc32_range(fd: int, offset: int, nbytes: int) -> int:
         got = os.preadv(fd, [view[: min(nbytes, CRC_CHUNK)]], offset)
         if got <= 0:
             raise CheckpointError(f"unexpected end of file at byte {offset} computing a CRC-32")
-        crc = _crc32(view[:got], crc)
+        crc = crc32(view[:got], crc)
         offset, nbytes = offset + got, nbytes - got
     return crc
 
@@ -1188,7 +1188,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, archive: str | None = None) 
 
         def record(name: str, data: bytes | None, size: int) -> int:
             raw = f"{archive}/{name}".encode()
-            crc = zlib.crc32(data) if data is not None else 0
+            crc = crc32(data) if data is not None else 0
             entries.append(_Entry(raw, fh.tell(), size, crc))
             _local_header(fh, raw, size, crc)
             start = fh.tell()
