@@ -21,6 +21,7 @@ from lightning_reshape.checkpoint.execute import (
     execute_plan,
     finalize_output,
     lock_output,
+    output_errors,
     prepare_output,
     write_plan,
 )
@@ -121,7 +122,10 @@ def convert_checkpoint(
     check_destination(dst, source=(src, plan.source_root))
     src_save_dir = Path(plan.source_root).parent.resolve()
     latest = Path(dst).resolve() != src_save_dir
-    out = write_plan(
+    with output_errors(dst):  # first: a full disk is reported before the reshape, not after
+        Path(dst).mkdir(parents=True, exist_ok=True)
+        copy_recovery_script(dst)
+    return write_plan(
         plan,
         dst,
         out_tag,
@@ -130,8 +134,6 @@ def convert_checkpoint(
         latest=latest,
         check_crc=check_crc,
     )
-    copy_recovery_script(dst)
-    return out
 
 
 def check_destination(
@@ -171,7 +173,8 @@ def copy_recovery_script(save_dir: str | os.PathLike[str]) -> list[Path]:
 
     Why: users expect it next to ``latest`` to consolidate weights without our package. Found
     through the installed package's location (DeepSpeed is not imported); existing files are
-    left alone, and without DeepSpeed installed nothing is copied.
+    left alone, and without DeepSpeed installed nothing is copied. Raises OSError (no partial
+    file left) when the folder cannot be written.
     """
     spec = importlib.util.find_spec("deepspeed")
     if spec is None or not spec.submodule_search_locations:
@@ -183,8 +186,12 @@ def copy_recovery_script(save_dir: str | os.PathLike[str]) -> list[Path]:
         if not script.is_file() or dst.exists():
             continue
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        shutil.copyfile(script, tmp)
-        os.chmod(tmp, 0o755)  # stock saves make them executable too
-        os.replace(tmp, dst)
+        try:
+            shutil.copyfile(script, tmp)
+            os.chmod(tmp, 0o755)  # stock saves make them executable too
+            os.replace(tmp, dst)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OSError(exc.errno, exc.strerror, os.fspath(dst)) from None  # name the output
         written.append(dst)
     return written

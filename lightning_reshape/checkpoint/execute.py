@@ -785,8 +785,9 @@ def prepare_output(
                     ours = False
                 if not ours:
                     raise CheckpointError(
-                        f"{marker}: unreadable completion record of an output that is not this "
-                        "plan's; choose another destination or remove it"
+                        f"{marker}: unreadable completion record, so which plan wrote {final} "
+                        "is unknown; remove that folder to write it again, or choose another "
+                        "destination"
                     )
                 log.warning(
                     "%s: completion record unreadable or without checksums; writing it again",
