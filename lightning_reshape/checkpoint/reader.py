@@ -742,10 +742,15 @@ def _validate_file(path: str, sd: Any) -> None:
             ) from None
         if stage in (1, 2):
             inner = _require(
-                path, sd, ("optimizer_state_dict", "base_optimizer_state"), Mapping, _DAMAGED
+                path,
+                sd,
+                ("optimizer_state_dict", "base_optimizer_state"),
+                (Mapping, list),  # a list of per-group states: zero_optimization.elastic_checkpoint
+                _DAMAGED,
             )
-            _require(path, inner, ("state",), Mapping, _DAMAGED)
-            _require(path, inner, ("param_groups",), (list, tuple), _DAMAGED)
+            if isinstance(inner, Mapping):
+                _require(path, inner, ("state",), Mapping, _DAMAGED)
+                _require(path, inner, ("param_groups",), (list, tuple), _DAMAGED)
             for key in ("single_partition_of_fp32_groups", "partition_count"):
                 _require(path, osd, (key,), (list, tuple, int), _DAMAGED)
         elif stage == 3:
