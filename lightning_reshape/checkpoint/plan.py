@@ -835,7 +835,7 @@ def build_plan(
         target=target,
         files=tuple(files),
         trusted=manifest.trusted,
-        sidecar=_target_sidecar(manifest, meta, target, splits, tp_rules),
+        sidecar=_target_sidecar(manifest, meta, target, splits, tp_rules, stages),
     )
 
 
@@ -845,11 +845,28 @@ def _target_sidecar(
     target: Target,
     splits: Mapping[str, TPSplit | None],
     rules: Sequence[TPRule],
+    stages: Sequence[int] | None = None,
 ) -> Sidecar | None:
     """The target's sidecar when every split is known: the source had tp > 1 (splits proven or
     recorded), the target has tp > 1 (``_splits`` refused unknown ones), or the source carried
-    a sidecar or rules."""
-    if manifest.topology.tp == 1 and target.tp == 1 and not meta.tp_splits and not rules:
+    a sidecar or rules. A pipeline's layer record (modules, ties) travels on, with the target's
+    stage boundaries, so the copy can be reshaped again."""
+    layers = manifest.extra.get("pipeline_layers") or {}
+    extra: dict[str, Any] = {"reshaped_from": manifest.topology.__dict__ | {"tag": manifest.tag}}
+    if layers.get("ties") and stages is not None:
+        extra["pipeline"] = {
+            "num_layers": layers["num_layers"],
+            "module_layers": list(layers["module_layers"]),
+            "parts": list(stages),
+            "ties": {k: {a: list(b) for a, b in t.items()} for k, t in layers["ties"].items()},
+        }
+    if (
+        manifest.topology.tp == 1
+        and target.tp == 1
+        and not meta.tp_splits
+        and not rules
+        and "pipeline" not in extra
+    ):
         return None
     params = [e.name for e in manifest.tensors if e.role in (ROLE_PARAM, ROLE_FP32)]
     return Sidecar(
@@ -858,7 +875,7 @@ def _target_sidecar(
         dp=target.dp,
         zero_stage=target.zero_stage,
         tp_splits={n: splits.get(n) for n in dict.fromkeys(params)},
-        extra={"reshaped_from": manifest.topology.__dict__ | {"tag": manifest.tag}},
+        extra=extra,
     )
 
 

@@ -144,6 +144,9 @@ def test_pipeline_trains_and_saves(pp_runs: dict[str, Any]) -> None:
         a, b = pp2["losses"][str(step)], pp2dp2["losses"][str(step)]
         assert a == pytest.approx(b, rel=1e-6, abs=0), step
     assert pp2["losses"]["7"] < pp2["losses"]["0"]
+    assert pp2["logged_loss"] == pytest.approx(pp2["losses"]["7"])  # self.log each step
+    assert pp2["clip"] == 1.0  # Trainer(gradient_clip_val) reaches the pipeline engine
+    assert pp2["micro_batches"] == pp2dp2["micro_batches"] == 2
     assert [s for s, _ in pp2["val_losses"]] == [3, 6]
     assert pp2["lr"] == [pytest.approx(1e-2 * 0.5 ** (8 // 3))]  # StepLR(3, 0.5), Lightning's
     tag = pp_runs["tmp"] / "pp2dp2" / "step=4.ckpt" / "checkpoint"
