@@ -4,6 +4,10 @@
     python examples/train.py parallel=tp2 save_path=runs/a.ckpt
     python examples/train.py parallel=dp_only ckpt_path=runs/a.ckpt trainer.max_steps=40
     python examples/train.py trainer.strategy=deepspeed_reshape  # the registered name
+    python examples/train.py model=pipeline_gpt parallel=tp2_pp2 trainer.devices=4 \
+        strategy.micro_batches=2 save_path=runs/p.ckpt            # DeepSpeed's pipeline engine
+    python examples/train.py model=pipeline_gpt parallel=dp_only trainer.devices=4 \
+        strategy.micro_batches=2 ckpt_path=runs/p.ckpt            # resumed at pp 1, dp 4
 
 Resuming at another layout reshapes the checkpoint on the fly (see the log line
 "lightning-reshape: ... reshaped ..."). The configs come from the installed package

@@ -946,7 +946,7 @@ def build_plan(
         target=target,
         files=tuple(files),
         trusted=manifest.trusted,
-        sidecar=_target_sidecar(manifest, target, splits, recorded),
+        sidecar=_target_sidecar(manifest, target, splits, recorded, stages),
     )
 
 
@@ -1057,13 +1057,25 @@ def _target_sidecar(
     target: Target,
     splits: Mapping[str, TPSplit | None],
     recorded: set[str],
+    stages: Sequence[int] | None = None,
 ) -> Sidecar | None:
     """The target's sidecar, recording every split that is known (``recorded``), and only
     those: a later reshape of the output needs each of them (buffers and frozen weights too),
     and at tp 1 nothing else can tell it; a split merely assumed (tp 1 -> 1) is left out, so
-    it stays unknown rather than becoming a false "replicated". None when nothing is known."""
+    it stays unknown rather than becoming a false "replicated". A pipeline's layer record
+    (modules, ties) travels on with the target's stage boundaries, so the copy can be reshaped
+    again. None when nothing is known."""
     names = [e.name for e in manifest.tensors if e.role != ROLE_OPTIM and e.name in recorded]
-    if not names:
+    layers = manifest.extra.get("pipeline_layers") or {}
+    extra: dict[str, Any] = {"reshaped_from": manifest.topology.__dict__ | {"tag": manifest.tag}}
+    if layers.get("ties") and stages is not None:
+        extra["pipeline"] = {
+            "num_layers": layers["num_layers"],
+            "module_layers": list(layers["module_layers"]),
+            "parts": list(stages),
+            "ties": {k: {a: list(b) for a, b in t.items()} for k, t in layers["ties"].items()},
+        }
+    if not names and "pipeline" not in extra:
         return None
     return Sidecar(
         tp=target.tp,
@@ -1071,7 +1083,7 @@ def _target_sidecar(
         dp=target.dp,
         zero_stage=target.zero_stage,
         tp_splits={n: splits.get(n) for n in dict.fromkeys(names)},
-        extra={"reshaped_from": manifest.topology.__dict__ | {"tag": manifest.tag}},
+        extra=extra,
     )
 
 

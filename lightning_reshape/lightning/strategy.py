@@ -6,6 +6,8 @@ at another (tp, pp, dp). This class changes exactly those places and leaves the 
 Lightning and DeepSpeed. The resume path is in ``load_checkpoint`` (design.md, "The path of
 one resume"): the engine already exists at the new layout, so the saved layout is compared
 with it there, and a reshaped copy is written beside the original before DeepSpeed loads it.
+A LightningModule with ``configure_pipeline`` is trained by DeepSpeed's pipeline engine at any
+pp (``lightning/pipeline.py`` says how it fits Lightning's loop).
 """
 
 from __future__ import annotations
@@ -280,8 +282,11 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         return module is not None and callable(getattr(module, "configure_pipeline", None))
 
     def setup(self, trainer: Any) -> None:
-        if self._wants_pipeline() and self.pipeline is None:
-            self._build_pipeline()
+        if self._wants_pipeline():
+            if self.pipeline is None:
+                self._build_pipeline()
+            self._init_config_if_needed()
+            self._pipeline_batch_config()
         super().setup(trainer)
 
     def _build_pipeline(self) -> None:
@@ -310,20 +315,18 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         assert self.lightning_module is not None
         return int(self.lightning_module.trainer.accumulate_grad_batches)
 
-    def _format_batch_size_and_grad_accum_config(self) -> None:
-        super()._format_batch_size_and_grad_accum_config()
-        if self.pipeline is None:
-            return
-        # One Lightning step = one train_batch over `micro` micro-batches of the loader's batch.
-        assert isinstance(self.config, dict)
+    def _pipeline_batch_config(self) -> None:
+        """One Lightning step = one ``train_batch`` over the loader's batch cut into
+        micro-batches. Set after the config is formatted (``configure_model`` formats it before
+        the pipeline exists) and from the loader's batch size, so it can run again."""
+        assert isinstance(self.config, dict) and self.layout is not None
         micro = self._pipeline_micro_batches()
-        rows = int(self.config["train_micro_batch_size_per_gpu"])
+        rows = self._auto_select_batch_size()
         if rows % micro:
             raise TopologyError(
                 f"the loader's batch of {rows} rows does not split into {micro} micro-batches; "
                 f"make the batch size a multiple of {micro}"
             )
-        assert self.layout is not None
         self.config["gradient_accumulation_steps"] = micro
         self.config["train_micro_batch_size_per_gpu"] = rows // micro
         self.config["train_batch_size"] = rows * self.layout.dp

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "resume_demo.py"
 
@@ -43,3 +46,31 @@ def test_registered_strategy_name_works_as_the_trainer_flag(tmp_path: Path) -> N
     assert out.returncode == 0, log[-3000:]
     assert "lightning-reshape: layout world 2: tp=1 pp=1 dp=2" in log
     assert "step    2  loss" in log
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LIGHTNING_RESHAPE_SLOW"),
+    reason="two 4-process example runs (~2 min); set LIGHTNING_RESHAPE_SLOW=1",
+)
+def test_pipeline_example_tp2_pp2_resumes_at_pp1(tmp_path: Path) -> None:
+    """The README's pipeline commands: tp 2 x pp 2 on 4 CPU processes, resumed at dp 4."""
+    common = ["model=pipeline_gpt", "trainer.devices=4", "strategy.micro_batches=2"]
+    runs = [
+        ["parallel=tp2_pp2", "trainer.max_steps=4", f"save_path={tmp_path / 'p.ckpt'}"],
+        ["parallel=dp_only", "trainer.max_steps=6", f"ckpt_path={tmp_path / 'p.ckpt'}"],
+    ]
+    logs = []
+    for i, extra in enumerate(runs):
+        out = subprocess.run(
+            [sys.executable, str(TRAIN), *common, *extra, "model.log_every_n_steps=2",
+             f"hydra.run.dir={tmp_path / f'run{i}'}"],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=tmp_path,
+        )  # fmt: skip
+        logs.append(out.stdout + out.stderr)
+        assert out.returncode == 0, logs[-1][-3000:]
+    assert "layout world 4: tp=2 pp=2 dp=1" in logs[0] and "step    4  loss" in logs[0]
+    assert "saved at tp=2 pp=2 dp=1 (ZeRO 1), resuming at tp=1 pp=1 dp=4: reshaped" in logs[1]
+    assert "step    6  loss" in logs[1]

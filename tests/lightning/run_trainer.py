@@ -299,6 +299,10 @@ def main() -> None:
         }
         if pipe:
             result["parts"] = [int(x) for x in trainer.strategy.pipeline.parts]
+            result["clip"] = trainer.strategy.deepspeed_engine.gradient_clipping()
+            result["micro_batches"] = trainer.strategy.deepspeed_engine.micro_batches
+            metric = trainer.callback_metrics.get("train_loss")
+            result["logged_loss"] = None if metric is None else float(metric)
         with open(spec["out"], "w", encoding="utf-8") as fh:
             json.dump(result, fh)
 

@@ -60,3 +60,21 @@ def test_micro_batches_cut_inputs_and_labels() -> None:
     assert all(isinstance(p[1], tuple) and p[1][1].shape == (2,) for p in parts)
     with pytest.raises(TopologyError, match="does not split into 4 micro-batches"):
         micro_batches_of((x, x), 4)
+
+
+def test_pp_without_the_layer_list_is_refused_naming_the_hook() -> None:
+    from lightning_reshape.lightning import ReshapeDeepSpeedStrategy
+
+    strategy = ReshapeDeepSpeedStrategy(stage=1, parallel={"pp": 2})
+    strategy.layout = strategy.parallel.resolve(2)
+    with pytest.raises(TopologyError, match=r"implement configure_pipeline\(\)"):
+        strategy._refuse_pipeline()
+
+
+def test_topology_and_parallel_are_exclusive() -> None:
+    from lightning_reshape.lightning import ReshapeDeepSpeedStrategy
+
+    topo = PipeModelDataParallelTopology(num_pp=2, num_mp=1, num_dp=2)
+    assert ReshapeDeepSpeedStrategy(topology=topo).parallel.pp == 2
+    with pytest.raises(TopologyError, match="not both"):
+        ReshapeDeepSpeedStrategy(topology=topo, parallel={"pp": 2})
