@@ -71,7 +71,7 @@ def main() -> None:
         diff = abs(loss - ref[step])
         worst = max(worst, diff)
         print(f"{step:>5} {loss:>10.5f} {ref[step]:>14.5f} {diff:>11.2e}")
-    reshaped = "reshaped=True" in resumed["resume"]
+    reshaped = bool(resumed.get("reshaped"))
     ok = reshaped and worst <= args.tolerance
     print(
         f"\ncheckpoint reshaped: {reshaped}; largest loss difference after resume {worst:.2e} "

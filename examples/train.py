@@ -40,7 +40,8 @@ def main(cfg: DictConfig) -> None:
     summary = {
         "layout": trainer.strategy.layout.describe() if trainer.strategy.layout else None,
         "resumed_from": cfg.ckpt_path,
-        "resume": str(getattr(trainer.strategy, "last_resume", None)),
+        "resume": str(getattr(trainer.strategy, "last_resume", None) or "not resumed"),
+        "reshaped": bool(getattr(getattr(trainer.strategy, "last_resume", None), "reshaped", 0)),
         "losses": model.losses,
     }
     if trainer.is_global_zero and os.environ.get("LIGHTNING_RESHAPE_SUMMARY"):

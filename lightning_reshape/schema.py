@@ -36,7 +36,7 @@ class AutoReshapeSchema:
     _target_: str = "lightning_reshape.lightning.AutoReshape"
     enabled: bool = True
     output_dir: Optional[str] = None  # noqa: UP045 - default: beside the checkpoint
-    keep_old: bool = True
+    keep_old: bool = False  # only the newest reshaped copy stays
     verify: bool = False
     trust_checkpoint: bool = False
     workers: int = 1

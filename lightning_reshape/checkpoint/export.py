@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import struct
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from lightning_reshape.checkpoint.manifest import (
     Manifest,
     TensorEntry,
 )
-from lightning_reshape.checkpoint.reader import ShardReader, TPRule, load_entry, read_manifest
+from lightning_reshape.checkpoint.reader import ShardReader, TPRule, entry_bytes, read_manifest
 from lightning_reshape.errors import CheckpointError, ReshapeError
 
 if TYPE_CHECKING:
@@ -161,41 +162,60 @@ def _safetensors_header(items: Sequence[ExportItem], metadata: dict[str, str]) -
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _data(item: ExportItem, reader: ShardReader) -> bytes | bytearray | memoryview:
+    """The tensor's bytes in the output dtype; torch only when a cast is needed."""
+    data = entry_bytes(item.entry, reader)
+    if len(data) != item.entry.numel * _ST_DTYPES[item.entry.dtype][1]:
+        raise CheckpointError(
+            f"{reader.root}: {item.name} assembled to {len(data)} bytes, the manifest's shape "
+            f"{item.entry.shape} needs {item.entry.numel * _ST_DTYPES[item.entry.dtype][1]}"
+        )
+    if item.dtype == item.entry.dtype or not data:
+        return data
+    import torch
+
+    with warnings.catch_warnings():  # read-only bytes: ``src`` is only read, never written
+        warnings.simplefilter("ignore", UserWarning)
+        src = torch.frombuffer(data, dtype=getattr(torch, item.entry.dtype))
+    del data
+    out = src.to(getattr(torch, item.dtype))
+    del src
+    return memoryview(out.view(torch.uint8).numpy())  # keeps ``out`` alive, no copy
+
+
 def _tensor(item: ExportItem, reader: ShardReader) -> torch.Tensor:
     import torch
 
-    t = load_entry(item.entry, reader)
+    data = _data(item, reader)
     want = getattr(torch, item.dtype)
-    if t.dtype != want:
-        t = t.to(want)
-    if tuple(t.shape) != item.entry.shape:
-        raise CheckpointError(
-            f"{reader.root}: {item.name} assembled to shape {tuple(t.shape)}, the manifest says "
-            f"{item.entry.shape}"
-        )
-    return t.contiguous()
+    if not data:
+        return torch.empty(item.entry.shape, dtype=want)
+    with warnings.catch_warnings():  # a read-only buffer is copied by the caller if needed
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(data, dtype=want).reshape(item.entry.shape)
 
 
 def _write_safetensors(
     path: Path, items: Sequence[ExportItem], reader: ShardReader, tick: Callable[[int], None]
 ) -> None:
-    import torch
-
     with open(path, "wb") as fh:
         fh.write(_safetensors_header(items, {"format": "pt"}))
         for item in items:
-            t = _tensor(item, reader)
-            fh.write(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            fh.write(_data(item, reader))
             tick(item.nbytes)
-            del t
         fh.flush()
         os.fsync(fh.fileno())
-    # the library reads the header back and checks every offset against the file
-    from safetensors import safe_open
+    # the library reads the header back and checks every offset against the file size
+    # ("numpy" only names the framework of later reads: torch is not imported for this)
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as check:
-        if len(list(check.keys())) != len(items):
-            raise CheckpointError(f"{path}: written file does not list every tensor")
+    try:
+        with safe_open(str(path), framework="numpy") as check:
+            listed = len(list(check.keys()))
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: written file does not read back ({exc})") from exc
+    if listed != len(items):
+        raise CheckpointError(f"{path}: written file lists {listed} of {len(items)} tensors")
 
 
 def _write_torch(

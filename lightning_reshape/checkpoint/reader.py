@@ -43,6 +43,7 @@ __all__ = [
     "read_manifest",
     "ShardReader",
     "load_entry",
+    "entry_bytes",
     "consolidate_fp32",
     "consolidate_optimizer_states",
     "refuse_elastic",
@@ -505,6 +506,51 @@ def load_entry(entry: TensorEntry, reader: ShardReader) -> torch.Tensor:
             )
         shards.append(out.view(local_shape))
     return _assemble_tp(shards, entry.tp_split)
+
+
+def _assemble_tp_bits(shards: list[Any], split: TPSplit | None) -> Any:
+    """Join tp shards (numpy arrays of raw element bits) as the tensor's split describes."""
+    import numpy as np
+
+    if split is None or len(shards) == 1:
+        return shards[0]
+    if split.stride == 1:
+        return np.concatenate(shards, axis=split.dim)
+    chunks = [np.split(s, split.stride, axis=split.dim) for s in shards]
+    return np.concatenate([c[i] for i in range(split.stride) for c in chunks], axis=split.dim)
+
+
+def entry_bytes(entry: TensorEntry, reader: ShardReader) -> bytes | bytearray:
+    """One logical tensor's bytes (global shape, C order), read with ``pread`` and joined
+    without torch: every element moves as raw bits, and memory holds this tensor only (no
+    mapped file pages stay resident, as they do through :func:`load_entry`)."""
+    import numpy as np
+
+    size = torchfile.dtype(entry.dtype).itemsize
+    by_rank: dict[int, list[Any]] = {}
+    for p in entry.pieces:
+        by_rank.setdefault(p.tp_rank, []).append(p)
+    ranks = sorted(by_rank) if entry.tp_split is not None else sorted(by_rank)[:1]
+    shards = []
+    for rank in ranks:
+        pieces = by_rank[rank]
+        local_shape = pieces[0].local_shape
+        numel = 1
+        for d in local_shape:
+            numel *= d
+        buf: bytes | bytearray
+        if len(pieces) == 1 and pieces[0].dst_offset == 0 and pieces[0].numel == numel:
+            buf = reader.read_bytes(pieces[0], pieces[0].src_offset, numel)  # no second copy
+        else:
+            buf = bytearray(numel * size)
+            for p in pieces:
+                buf[p.dst_offset * size : (p.dst_offset + p.numel) * size] = reader.read_bytes(
+                    p, p.src_offset, p.numel
+                )
+        if len(ranks) == 1:
+            return buf
+        shards.append(np.frombuffer(buf, dtype=f"V{size}").reshape(local_shape))
+    return np.ascontiguousarray(_assemble_tp_bits(shards, entry.tp_split)).tobytes()
 
 
 def consolidate_fp32(

@@ -22,10 +22,9 @@ from lightning_reshape.checkpoint.manifest import (
     ROLE_OPTIM,
     ROLE_PARAM,
     Manifest,
-    TensorEntry,
 )
 from lightning_reshape.checkpoint.plan import read_source_meta, source_groups
-from lightning_reshape.checkpoint.reader import ShardReader, read_manifest
+from lightning_reshape.checkpoint.reader import ShardReader, entry_bytes, read_manifest
 from lightning_reshape.checkpoint.sidecar import TPSplit, read_sidecar
 from lightning_reshape.checkpoint.torchfile import Opaque, TensorRef, check_crcs, is_tensor
 from lightning_reshape.checkpoint.zero_layout import DEFAULT_SUB_GROUP_SIZE, zero3_layout
@@ -69,46 +68,6 @@ def _same(x: Any, y: Any) -> bool:
     if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
         return len(x) == len(y) and all(_same(a, b) for a, b in zip(x, y, strict=True))
     return bool(x == y)
-
-
-def _assemble_tp(shards: list[Any], split: TPSplit | None) -> Any:
-    """Join tp shards (numpy arrays of raw element bits) as the tensor's split describes."""
-    import numpy as np
-
-    if split is None or len(shards) == 1:
-        return shards[0]
-    if split.stride == 1:
-        return np.concatenate(shards, axis=split.dim)
-    chunks = [np.split(s, split.stride, axis=split.dim) for s in shards]
-    return np.concatenate([c[i] for i in range(split.stride) for c in chunks], axis=split.dim)
-
-
-def _entry_bytes(entry: TensorEntry, reader: ShardReader) -> bytes:
-    """One logical tensor's bytes (global shape, C order), without torch: every element is
-    moved as raw bits, so the comparison is bit for bit for any dtype."""
-    import numpy as np
-
-    size = torchfile.dtype(entry.dtype).itemsize
-    by_rank: dict[int, list[Any]] = {}
-    for p in entry.pieces:
-        by_rank.setdefault(p.tp_rank, []).append(p)
-    ranks = sorted(by_rank) if entry.tp_split is not None else sorted(by_rank)[:1]
-    shards = []
-    for rank in ranks:
-        pieces = by_rank[rank]
-        local_shape = pieces[0].local_shape
-        numel = 1
-        for d in local_shape:
-            numel *= d
-        buf = bytearray(numel * size)
-        for p in pieces:
-            buf[p.dst_offset * size : (p.dst_offset + p.numel) * size] = reader.read_bytes(
-                p, p.src_offset, p.numel
-            )
-        if len(ranks) == 1:
-            return bytes(buf)
-        shards.append(np.frombuffer(bytes(buf), dtype=f"V{size}").reshape(local_shape))
-    return np.ascontiguousarray(_assemble_tp(shards, entry.tp_split)).tobytes()
 
 
 def _logical_keys(m: Manifest) -> dict[tuple[str, str, str | None], Any]:
@@ -176,7 +135,7 @@ def verify(
                 if add(f"{label}: {ea.dtype}{list(ea.shape)} vs {eb.dtype}{list(eb.shape)}"):
                     return diffs
                 continue
-            ba, bb = _entry_bytes(ea, ra), _entry_bytes(eb, rb)
+            ba, bb = entry_bytes(ea, ra), entry_bytes(eb, rb)
             if ba != bb:
                 n = sum(1 for x, y in zip(ba, bb, strict=True) if x != y)
                 if add(f"{label}: {n} bytes differ"):

@@ -26,8 +26,9 @@ class ReshapePolicy:
     - ``enabled``: reshape at all; when False a changed layout stops with an error.
     - ``output_dir``: where reshaped copies go (default: inside the checkpoint directory,
       ``X.ckpt/reshaped-tp1-pp1-dp2-zero2/``); the original files are never touched.
-    - ``keep_old``: keep earlier reshaped copies of the same checkpoint; False deletes them
-      (only folders named ``reshaped-*`` that we wrote) once the new copy is loaded.
+    - ``keep_old``: keep earlier reshaped copies of the same checkpoint. By default (False)
+      only the newest stays: older ones (only folders named ``reshaped-*`` that we wrote) are
+      deleted once the new copy is loaded, and the log says where copies go and their size.
     - ``verify``: compare the fresh reshaped copy with the original, tensor by tensor, bit for
       bit, before loading it (reads both checkpoints once more; off by default).
     - ``trust_checkpoint``: allow arbitrary pickled types when reading the source.
@@ -41,7 +42,7 @@ class ReshapePolicy:
 
     enabled: bool = True
     output_dir: str | None = None
-    keep_old: bool = True
+    keep_old: bool = False
     verify: bool = False
     trust_checkpoint: bool = False
     workers: int = 1
@@ -70,7 +71,7 @@ class AutoReshape(Callback):
         self,
         enabled: bool = True,
         output_dir: str | os.PathLike[str] | None = None,
-        keep_old: bool = True,
+        keep_old: bool = False,
         verify: bool = False,
         trust_checkpoint: bool = False,
         workers: int = 1,

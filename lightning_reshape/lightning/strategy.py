@@ -70,6 +70,22 @@ class ResumeReport:
     seconds: float
     loaded_from: str
 
+    def __str__(self) -> str:
+        """One readable line, e.g. for a log or a summary file."""
+        saved = f"{self.saved.describe()} (ZeRO {self.saved.zero_stage})"
+        current = f"{self.current.describe()} (ZeRO {self.current.zero_stage})"
+        if not self.reshaped:
+            return (
+                f"resumed {self.checkpoint} at its saved layout {saved} in {self.seconds:.1f} s; "
+                "no reshape needed"
+            )
+        how = "loaded directly" if self.loaded_from == self.checkpoint else "reshaped"
+        where = "" if self.loaded_from == self.checkpoint else f", loaded from {self.loaded_from}"
+        return (
+            f"resumed {self.checkpoint} saved at {saved} at {current}: {how} in "
+            f"{self.seconds:.1f} s{where}"
+        )
+
 
 def read_saved_topology(
     checkpoint_path: str | os.PathLike[str], *, trust_checkpoint: bool = False
@@ -162,6 +178,12 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         self._pipeline_spec: Any = None
 
     # ---------------------------------------------------------------- environment, groups
+
+    def _configure_launcher(self) -> None:
+        super()._configure_launcher()
+        from lightning_reshape.lightning.precheck import install_precheck
+
+        install_precheck(self)  # layout and ckpt_path checked before any process starts
 
     def setup_environment(self) -> None:
         # Lightning's DeepSpeedStrategy refuses anything but CUDA here; DeepSpeed itself runs on
@@ -557,16 +579,25 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         zero_note = ""
         if saved.zero_stage != current.zero_stage:
             zero_note = f" (ZeRO {current.zero_stage})"
-        done = "reused the complete reshaped copy" if reused else "reshaped"
+        size = _human_bytes(_disk_usage(target)) if self.is_global_zero else ""
+        if reused:
+            done = f"reusing the reshaped copy made earlier, {target} ({size} on disk)"
+        else:
+            done = f"reshaped in {seconds:.1f} s into {target} ({size} on disk)"
         rank_zero_info(
             f"lightning-reshape: checkpoint {checkpoint_path} saved at {saved.describe()} "
-            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}{zero_note}: {done} in "
-            f"{seconds:.1f} s into {target}"
+            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}{zero_note}: {done}"
         )
         client_state = self._engine_load(target)
         self.last_resume = ResumeReport(checkpoint_path, saved, current, True, seconds, target)
         if not policy.keep_old and self.is_global_zero:
-            _delete_other_copies(target)
+            removed, freed = _delete_other_copies(target)
+            if removed:
+                rank_zero_info(
+                    f"lightning-reshape: removed {removed} older reshaped "
+                    f"cop{'y' if removed == 1 else 'ies'} beside it ({_human_bytes(freed)} freed; "
+                    "AutoReshape(keep_old=True) keeps them, output_dir=... puts copies elsewhere)"
+                )
         self.barrier("lightning_reshape_loaded")
         return client_state
 
@@ -693,6 +724,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                             f"{target}: reshaped copy differs from the original: "
                             + "; ".join(diffs)
                         )
+            convert.copy_recovery_script(target)
             latest = os.path.join(target, "latest")
             if not os.path.isfile(latest):
                 tmp = f"{latest}.tmp"
@@ -814,11 +846,37 @@ def _same(a: SavedTopology, b: SavedTopology) -> bool:
     return (a.tp, a.pp, a.dp, a.zero_stage) == (b.tp, b.pp, b.dp, b.zero_stage)
 
 
-def _delete_other_copies(keep: str) -> None:
-    """Remove sibling ``reshaped-*`` copies we wrote earlier; never the original checkpoint."""
+def _delete_other_copies(keep: str) -> tuple[int, int]:
+    """Remove sibling ``reshaped-*`` copies we wrote earlier; never the original checkpoint.
+
+    Returns (copies removed, bytes freed)."""
     parent = os.path.dirname(keep)
+    removed, freed = 0, 0
     for name in os.listdir(parent):
         path = os.path.join(parent, name)
         if name.startswith(RESHAPED_PREFIX) and path != keep and os.path.isdir(path):
             if os.path.isfile(os.path.join(path, "latest")):
+                size = _disk_usage(path)
                 shutil.rmtree(path, ignore_errors=True)
+                removed, freed = removed + 1, freed + size
+    return removed, freed
+
+
+def _disk_usage(path: str) -> int:
+    """Bytes the files under ``path`` occupy on disk (allocated blocks, as ``du`` counts)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+            except OSError:
+                pass
+    return total
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"

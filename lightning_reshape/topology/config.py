@@ -231,10 +231,18 @@ class ParallelLayout:
         return {kind: self.groups(kind) for kind in GROUP_KINDS}
 
     def describe(self) -> str:
-        return (
-            f"world {self.world_size}: tp={self.tp} pp={self.pp} dp={self.dp} cp={self.cp} "
-            f"ep={self.ep} etp={self.etp} edp={self.edp} order={self.order}"
-        )
+        """One line naming only the axes above 1 (and the rank order once two axes interleave),
+        e.g. ``world 2: dp=2`` or ``world 8: tp=2 pp=2 dp=2 order=tp-cp-ep-dp-pp``."""
+        axes = [("tp", self.tp), ("pp", self.pp), ("dp", self.dp), ("cp", self.cp)]
+        axes.append(("ep", self.ep))
+        if self.ep > 1 or self.etp != self.tp:  # the expert grid differs from the dense one
+            axes += [("etp", self.etp), ("edp", self.edp)]
+        shown = [f"{name}={value}" for name, value in axes if value > 1]
+        if not shown:
+            return f"world {self.world_size}: a single rank, no parallel axis"
+        if sum(1 for name, value in axes[:5] if value > 1) > 1:
+            shown.append(f"order={self.order}")
+        return f"world {self.world_size}: {' '.join(shown)}"
 
 
 def embedding_ranks(pp_group: list[int]) -> list[int]:

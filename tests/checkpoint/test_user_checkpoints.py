@@ -147,7 +147,9 @@ def test_help_describes_every_option_without_rest_markup() -> None:
             assert action.help, f"{name} {action.dest}: no help text"
 
 
-def test_verify_does_not_import_torch(ckpt_root: dict[int, Path], tmp_path: Path) -> None:
+def test_verify_and_fp32_export_do_not_import_torch(
+    ckpt_root: dict[int, Path], tmp_path: Path
+) -> None:
     src = ckpt_root[2] / "z1"
     out = tmp_path / "dp1"
     assert main(["convert", str(src), str(out), "--dp", "1", "--quiet"]) == 0
@@ -155,12 +157,13 @@ def test_verify_does_not_import_torch(ckpt_root: dict[int, Path], tmp_path: Path
         "import sys\n"
         "from lightning_reshape.cli import main\n"
         "code = main(['verify', sys.argv[1], sys.argv[2]])\n"
+        "code |= main(['export', sys.argv[1], sys.argv[3], '--quiet'])\n"
         "heavy = sorted(m for m in ('torch', 'deepspeed') if m in sys.modules)\n"
         "print('imported:', heavy)\n"
         "sys.exit(code)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(src), str(out)],
+        [sys.executable, "-c", code, str(src), str(out), str(tmp_path / "weights")],
         capture_output=True,
         text=True,
         timeout=120,

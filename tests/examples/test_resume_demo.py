@@ -22,6 +22,9 @@ def test_resume_demo_reshapes_and_the_loss_carries_on(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "saved at tp=2 pp=1 dp=1 (ZeRO 1), resuming at tp=1 pp=1 dp=2" in out.stdout
     assert "checkpoint reshaped: True" in out.stdout
+    # a readable resume line, not a dataclass repr
+    assert "ResumeReport(" not in out.stdout
+    assert f"resumed {tmp_path / 'tp2.ckpt'} saved at tp=2 pp=1 dp=1 (ZeRO 1) at " in out.stdout
     assert "loss carried on" in out.stdout
     # The original checkpoint is untouched; the reshaped copy sits beside it.
     ckpt = tmp_path / "tp2.ckpt"
@@ -44,7 +47,7 @@ def test_registered_strategy_name_works_as_the_trainer_flag(tmp_path: Path) -> N
     )  # fmt: skip
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-3000:]
-    assert "lightning-reshape: layout world 2: tp=1 pp=1 dp=2" in log
+    assert "lightning-reshape: layout world 2: dp=2\n" in log  # only the axes above 1
     assert "step    2  loss" in log
 
 

@@ -185,6 +185,8 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
         f"lightning-reshape: checkpoint {ck1} saved at tp=1 pp=1 dp=1 (ZeRO {stage}), "
         "resuming at tp=1 pp=1 dp=2: reshaped in "
     ), line
+    assert line.endswith(" on disk)"), line  # where the copy went and what it costs
+    assert "removed 1 older reshaped copy beside it" in log  # keep_old=False (the default)
 
 
 def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
@@ -232,9 +234,39 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
     assert rc != 0
     assert "tensor-parallel split of 'model." in log and "AutoReshape(tp_rules=[...])" in log
 
+    # export: the tp 2 checkpoint and its tp 1 reshaped copy give the same full weights, under
+    # the LightningModule's own parameter names
+    from safetensors.torch import load_file
+
+    from lightning_reshape.checkpoint.export import export_checkpoint
+
+    at_tp2 = load_file(export_checkpoint(ck, tmp_path / "w2") / "model.safetensors")
+    copy = Path(tp1["resume"]["loaded_from"])
+    at_tp1 = load_file(export_checkpoint(copy, tmp_path / "w1") / "model.safetensors")
+    assert set(ref["params"]) <= set(at_tp2) and set(at_tp2) == set(at_tp1)
+    for name, value in at_tp2.items():
+        assert torch.equal(value, at_tp1[name]), name
+    assert at_tp2["model.blocks.0.attn.qkv.weight"].shape == (96, 32)  # whole, not a tp shard
+
 
 def test_impossible_layout_says_what_to_set(tmp_path: Path) -> None:
-    rc, log = run(tmp_path, bad={"devices": 2, "parallel": {"tp": 3}, "steps": 2})["bad"]
+    """Layout and ckpt_path are checked before Lightning starts rank 1: one message, once."""
+    plain = tmp_path / "plain.ckpt"  # a Lightning checkpoint saved without DeepSpeed
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.5.0"}, plain)
+    base = {"devices": 2, "steps": 2}
+    out = run(
+        tmp_path,
+        bad={**base, "parallel": {"tp": 3}},
+        missing={**base, "resume": str(tmp_path / "nowhere.ckpt")},
+        plain={**base, "resume": str(plain)},
+    )
+    rc, log = out["bad"]
     assert rc != 0
     assert "world size 2 is not divisible by tp*cp*pp = 3*1*1 = 3" in log
     assert "change tp, cp or pp" in log
+    assert log.count("is not divisible by") == 1  # not once per rank
+    assert "num_nodes=1 x devices=2" in log
+    rc, log = out["missing"]
+    assert rc != 0 and log.count("nowhere.ckpt: no such file or directory") == 1
+    rc, log = out["plain"]
+    assert rc != 0 and log.count("is a plain Lightning checkpoint") == 1

@@ -54,3 +54,14 @@ def test_expert_grid_sizes() -> None:
     assert len(layout.group_of(0, "ep")) == 4
     assert len(layout.group_of(0, "edp")) == 4
     assert layout.group_of(0, "etp") == [0]
+
+
+def test_describe_names_only_axes_above_one() -> None:
+    assert ParallelConfig().resolve(2).describe() == "world 2: dp=2"
+    assert ParallelConfig().resolve(1).describe() == "world 1: a single rank, no parallel axis"
+    assert ParallelConfig(tp=2).resolve(2).describe() == "world 2: tp=2"
+    assert (
+        ParallelConfig(tp=2, pp=2).resolve(8).describe()
+        == "world 8: tp=2 pp=2 dp=2 order=tp-cp-ep-dp-pp"
+    )
+    assert ParallelConfig(ep=2).resolve(4).describe().startswith("world 4: dp=4 ep=2 edp=2")
