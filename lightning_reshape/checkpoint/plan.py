@@ -1217,6 +1217,8 @@ def _model_file(
     for alias, source in aliases.items():
         shared.setdefault(alias, source)
     model_dtype = manifest.model_dtype
+    known = {t.key for t in manifest.tensors}
+    module_keys = set(meta.module_keys[src_mp])
     for key in meta.model_keys[src_mp]:
         if pipeline_buffers is not None and key in ("module", "buffer_names"):
             value = None if key == "module" else list(pipeline_buffers)
@@ -1237,12 +1239,27 @@ def _model_file(
                     )
                 elif z3_rank is not None:
                     items.append(TensorFill(dkey, model_dtype, (0,)))
-                elif mkey in shared and mkey not in trainable and mkey not in frozen_names:
+                elif (
+                    mkey in shared
+                    and mkey not in trainable
+                    and mkey not in frozen_names
+                    and shared[mkey] in module_keys  # not when excluded from the save
+                ):
                     items.append(TensorFill(dkey, model_dtype, (), tie=("module", shared[mkey])))
                 else:
+                    if (
+                        manifest.extra.get("excluded_frozen")
+                        and (mkey, ROLE_PARAM, None) not in known
+                        and (mkey, ROLE_FP32, None) not in known
+                    ):
+                        # a frozen weight tied to another, saved at ZeRO 3 with
+                        # exclude_frozen_parameters=True: its placeholder is all the checkpoint
+                        # holds, so it stays out, and the model keeps its own value on load
+                        # (strict=False), as it does when resuming the source
+                        continue
                     e = (
                         entry(mkey, ROLE_PARAM)
-                        if (mkey, ROLE_PARAM, None) in {t.key for t in manifest.entries(ROLE_PARAM)}
+                        if (mkey, ROLE_PARAM, None) in known
                         else entry(mkey, ROLE_FP32)
                     )
                     n = math.prod(local_shape(e))

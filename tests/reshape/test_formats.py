@@ -38,8 +38,9 @@ SOURCES = {
         # GPT-2 style: the embedding tied to the head is frozen, and excluded from the save
         FSpec("z2ex", 2, "adamw", exclude_frozen=True, freeze_embedding=True),
         FSpec("z1ex", 1, "sgd", tied=False, exclude_frozen=True),
-        # two sub-groups per param group at dp 2, a different split at dp 3
-        FSpec("z3sg", 3, "adam", tied=False, sub_group_size=100, exclude_frozen=True),
+        # two sub-groups per param group, split differently at dp 2 and dp 3; and the tied
+        # embedding frozen and excluded, which ZeRO 3 saves as a bare placeholder
+        FSpec("z3sg", 3, "adam", sub_group_size=50, exclude_frozen=True, freeze_embedding=True),
     )
 }
 # (source, target dp, target stage)
