@@ -570,8 +570,7 @@ def build_plan(
         raise CheckpointError(f"{manifest.root}: unknown model dtype {model_dtype!r}")
     bf16 = model_dtype == "bfloat16"
     tgt_config = {**dict(meta.ds_config), "zero_optimization": {**zcfg, "stage": target.zero_stage}}
-    if target.zero_stage == 0:
-        zero0.check_target(manifest, tgt_config)
+    zero0_wrapper = zero0.target_wrapper(manifest, tgt_config) if target.zero_stage == 0 else ""
     # DeepSpeed's BF16_Optimizer instead of its ZeRO optimizer at the target?
     bf16_optimizer = uses_bf16_optimizer(tgt_config, target.zero_stage, pipeline)
 
@@ -682,26 +681,28 @@ def build_plan(
                 out.append(SetValue((*dst, g, "params"), list(idx)))
             return out
 
-        def zero0_state(name: str, index: int, src_mp: int = src_mp, mp: int = mp) -> list[Any]:
+        def zero0_state(
+            name: str, index: int, inner: KeyPath, src_mp: int = src_mp, mp: int = mp
+        ) -> list[Any]:
             """Torch optimizer state of one parameter (ZeRO 0 target): its scalars, then its
             whole state tensors."""
-            items: list[Any] = [SetValue(("optimizer", "state", index), {}, "raw")]
+            items: list[Any] = [SetValue((*inner, "state", index), {}, "raw")]
             if src.zero_stage == 0:
                 items += [
-                    Carry(s.file, s.key, ("optimizer", "state", index, s.state_key))
+                    Carry(s.file, s.key, (*inner, "state", index, s.state_key))
                     for s in manifest.scalars
                     if s.owner == name and s.file == meta.model_files[src_mp]
                 ]
             else:
-                items += scalar_carries(src_group_of[name], ("optimizer",), src_mp, index)
+                items += scalar_carries(src_group_of[name], inner, src_mp, index)
             for k in optim_keys.get(name, []):
-                e = entry(name, ROLE_OPTIM, k)
-                shape = local_shape(e)
-                copies = res.copies(e, mp, 0, math.prod(shape), 0)
-                items.append(
-                    TensorFill(("optimizer", "state", index, k), e.dtype, shape, tuple(copies))
-                )
+                items.append(whole(entry(name, ROLE_OPTIM, k), (*inner, "state", index, k), mp))
             return items if len(items) > 1 else []  # no state: torch saves no entry
+
+        def whole(e: TensorEntry, key: KeyPath, mp: int = mp) -> TensorFill:
+            """``e``'s whole (tp-local) tensor at ``key``."""
+            shape = local_shape(e)
+            return TensorFill(key, e.dtype, shape, tuple(res.copies(e, mp, 0, math.prod(shape), 0)))
 
         if target.zero_stage == 0:
             files.append(
@@ -721,7 +722,14 @@ def build_plan(
                     aliases,
                     tgt_config,
                     None,
-                    optimizer_items=zero0.optimizer_items(groups, zero0_state, param_groups),
+                    optimizer_items=zero0.optimizer_items(
+                        groups,
+                        zero0_wrapper,
+                        zero0_state,
+                        param_groups,
+                        lambda name, key: whole(entry(name, ROLE_FP32), key),
+                        _loss_scale_top(manifest, meta.model_files[src_mp]),
+                    ),
                 )
             )
         elif target.zero_stage in (1, 2):
@@ -958,16 +966,22 @@ def _check_source(manifest: Manifest, pipeline: bool) -> None:
         (src.zero_stage in (1, 2, 3) and wrapper == "zero")
         or (src.zero_stage == 1 and wrapper == "bf16_optimizer")
         or (src.zero_stage == 0 and wrapper == "none" and not pipeline)
+        or (
+            src.zero_stage == 0
+            and wrapper == "fp16_optimizer"
+            and manifest.model_dtype == "bfloat16"
+            and not pipeline
+        )
     )
     if not ok:
         what = {
-            "fp16_optimizer": "DeepSpeed's fp16/bf16 optimizer without ZeRO",
+            "fp16_optimizer": "DeepSpeed's fp16 optimizer without ZeRO (loss scaling)",
             "bf16_optimizer": "DeepSpeed's BF16_Optimizer without ZeRO (pipeline engine)",
             "none": "a pipeline-engine ZeRO 0 run",
         }.get(wrapper, f"optimizer wrapper {wrapper!r}")
         raise CheckpointError(
             f"{manifest.root}: source is ZeRO stage {src.zero_stage} with {what}; this format "
-            "cannot be reshaped yet (supported: ZeRO 0 with a plain torch optimizer, ZeRO 1, 2 "
+            "cannot be reshaped yet (supported: ZeRO 0 with an fp32 or bf16 model, ZeRO 1, 2 "
             "and 3, and BF16_Optimizer at ZeRO 1)"
         )
 
@@ -1009,6 +1023,25 @@ def uses_bf16_optimizer(config: Mapping[str, Any], stage: int, pipeline: bool) -
     if stage == 1:
         return fp32_accum and not offload
     return stage == 0 and pipeline and not fp32_accum
+
+
+def _loss_scale_top(manifest: Manifest, model_file: str) -> list[Carry | SetValue]:
+    """A bf16 ZeRO 0 optimizer's loss-scale entries: carried from a source saved the same way,
+    else what DeepSpeed writes for bf16 (static scale 1, ``cur_iter`` counting the steps)."""
+    refs = {r.name: r for r in manifest.state_refs if r.file == model_file}
+    out: list[Carry | SetValue] = []
+    defaults = {
+        "dynamic_loss_scale": False,
+        "cur_scale": 1.0,
+        "cur_iter": manifest.global_steps or 0,
+    }
+    for k, value in defaults.items():
+        ref = refs.get(f"optimizer:{k}")
+        if manifest.optimizer_wrapper == "fp16_optimizer" and ref is not None:
+            out.append(Carry(ref.file, ref.key, ("optimizer", k)))
+        else:
+            out.append(SetValue(("optimizer", k), value))
+    return out
 
 
 # DeepSpeed's default ``gradient_clipping`` (runtime/constants.py): what ZeRO 1/2 save as clip_grad
@@ -1259,6 +1292,8 @@ def _model_file(
     for alias, source in aliases.items():
         shared.setdefault(alias, source)
     model_dtype = manifest.model_dtype
+    known = {t.key for t in manifest.tensors}
+    module_keys = set(meta.module_keys[src_mp])
     for key in meta.model_keys[src_mp]:
         if pipeline_buffers is not None and key in ("module", "buffer_names"):
             value = None if key == "module" else list(pipeline_buffers)
@@ -1279,12 +1314,27 @@ def _model_file(
                     )
                 elif z3_rank is not None:
                     items.append(TensorFill(dkey, model_dtype, (0,)))
-                elif mkey in shared and mkey not in trainable and mkey not in frozen_names:
+                elif (
+                    mkey in shared
+                    and mkey not in trainable
+                    and mkey not in frozen_names
+                    and shared[mkey] in module_keys  # not when excluded from the save
+                ):
                     items.append(TensorFill(dkey, model_dtype, (), tie=("module", shared[mkey])))
                 else:
+                    if (
+                        manifest.extra.get("excluded_frozen")
+                        and (mkey, ROLE_PARAM, None) not in known
+                        and (mkey, ROLE_FP32, None) not in known
+                    ):
+                        # a frozen weight tied to another, saved at ZeRO 3 with
+                        # exclude_frozen_parameters=True: its placeholder is all the checkpoint
+                        # holds, so it stays out, and the model keeps its own value on load
+                        # (strict=False), as it does when resuming the source
+                        continue
                     e = (
                         entry(mkey, ROLE_PARAM)
-                        if (mkey, ROLE_PARAM, None) in {t.key for t in manifest.entries(ROLE_PARAM)}
+                        if (mkey, ROLE_PARAM, None) in known
                         else entry(mkey, ROLE_FP32)
                     )
                     n = math.prod(local_shape(e))

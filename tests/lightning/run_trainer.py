@@ -7,7 +7,10 @@ parameters, the strategy's resume report, AutoReshape's history) to ``spec["out"
 Spec keys: devices, strategy (registry name), parallel (mapping or None), steps (max_steps),
 global_batch, ckpt_dir + ckpt_every (ModelCheckpoint every N steps: ``step=N.ckpt``), resume,
 stage, save (Trainer.save_checkpoint after fit), policy (AutoReshape arguments),
-forbid_reshape (make the converter raise), model ("mlp" | "gpt"), out, seed, auto_reshape.
+forbid_reshape (make the converter raise), model ("mlp" | "gpt"), out, seed, auto_reshape,
+frozen_tied (mlp: a frozen input projection tied to a second use, saved with the strategy's
+``exclude_frozen_parameters=True`` and resumed with ``strict_loading=False``, as LoRA-style
+fine-tuning of GPT-2 does).
 """
 
 from __future__ import annotations
@@ -107,6 +110,8 @@ def full_params(engine: Any, state: Any) -> dict[str, list[float]]:
     tp = dist.get_world_size(tp_group) if state.layout.tp > 1 else 1
     for name, p in engine.module.named_parameters():
         value = deepspeed.utils.safe_get_full_fp32_param(p)
+        if value is None:  # frozen: no master
+            value = p.detach().float()
         if tp > 1 and getattr(p, "tensor_model_parallel", False):
             parts = [torch.empty_like(value) for _ in range(tp)]
             dist.all_gather(parts, value.contiguous(), group=tp_group)
@@ -170,6 +175,7 @@ def make_module(spec: dict[str, Any]) -> Any:
     if spec.get("model") in PIPE_MODELS:
         return make_pipe(spec)
     global_batch = int(spec.get("global_batch", 8))
+    frozen_tied = bool(spec.get("frozen_tied"))
 
     class Net(pl.LightningModule):
         def __init__(self) -> None:
@@ -179,12 +185,23 @@ def make_module(spec: dict[str, Any]) -> Any:
                 torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1)
             )
             self.losses: dict[int, float] = {}
+            if frozen_tied:
+                self.inp = torch.nn.Linear(16, 16, bias=False)
+                self.mix = torch.nn.Linear(16, 16, bias=False)
+                self.mix.weight = self.inp.weight
+                self.inp.requires_grad_(False)
+                self.strict_loading = False  # the frozen weight is not in the checkpoint
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if frozen_tied:
+                x = self.mix(torch.tanh(self.inp(x)))
+            return self.net(x)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             sampler = self.trainer.strategy.distributed_sampler_kwargs
             dp_rank, dp = sampler["rank"], sampler["num_replicas"]
             x, y = batch_for(self.global_step, global_batch, dp_rank, dp)
-            loss = torch.nn.functional.mse_loss(self.net(x), y)
+            loss = torch.nn.functional.mse_loss(self(x), y)
             # The global-batch loss: mean over all ranks (tp ranks repeat their dp replica's).
             self.losses[self.global_step] = float(self.all_gather(loss.detach()).mean())
             return loss
@@ -222,7 +239,11 @@ def main() -> None:
             micro_batches=int(spec.get("micro_batches", 2)),
         )
     elif parallel is not None or spec.get("strategy") is None:
-        strategy = ReshapeDeepSpeedStrategy(stage=int(spec.get("stage", 2)), parallel=parallel)
+        strategy = ReshapeDeepSpeedStrategy(
+            stage=int(spec.get("stage", 2)),
+            parallel=parallel,
+            exclude_frozen_parameters=bool(spec.get("frozen_tied")),
+        )
     else:
         strategy = spec["strategy"]
     global_batch = int(spec.get("global_batch", 8))

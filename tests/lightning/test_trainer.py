@@ -270,3 +270,18 @@ def test_impossible_layout_says_what_to_set(tmp_path: Path) -> None:
     assert rc != 0 and log.count("nowhere.ckpt: no such file or directory") == 1
     rc, log = out["plain"]
     assert rc != 0 and log.count("is a plain Lightning checkpoint") == 1
+
+
+def test_excluded_frozen_tied_resume(tmp_path: Path) -> None:
+    """Saved with ``exclude_frozen_parameters=True`` and a frozen weight tied to another (as
+    GPT-2's frozen embedding and head): dp 2 -> 1 at ZeRO 2 through Trainer.fit(ckpt_path=...)
+    continues like the run that never stopped."""
+    base = {"steps": 6, "ckpt_every": 4, "global_batch": 8, "stage": 2, "frozen_tied": True}
+    ref = ok(run(tmp_path, dp2={**base, "devices": 2, "ckpt_dir": str(tmp_path / "dp2")})["dp2"])
+    ck = tmp_path / "dp2" / "step=4.ckpt"
+    sd = torch.load(ck / "checkpoint" / "mp_rank_00_model_states.pt", weights_only=False)
+    assert "inp.weight" not in sd["module"] and "mix.weight" in sd["module"]
+    assert sd["frozen_param_shapes"] is None
+    down = ok(run(tmp_path, down={**base, "devices": 1, "resume": str(ck)})["down"])
+    assert down["resume"]["reshaped"] and down["resume"]["saved"] == [1, 1, 2]
+    assert_continues(down, ref, exact=False)
