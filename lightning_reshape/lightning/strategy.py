@@ -465,12 +465,16 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         import deepspeed
 
         self._init_config_if_needed()
-        # ZeRO-3 partitions each parameter over the data-parallel group, not the world.
+        # ZeRO-3 partitions each parameter over the data-parallel group, not the world: zero.Init
+        # takes that group only as ``data_parallel_group`` (its ``mpu`` is not used for it), and
+        # without it a tp rank's parameters were split over the tp ranks too.
+        dp_group = self.mpu.get_data_parallel_group() if self.mpu is not None else None
         with deepspeed.zero.Init(
             enabled=self.zero_stage_3,
             remote_device=self.remote_device,
             config_dict_or_path=self.config,
             mpu=self.mpu,
+            data_parallel_group=dp_group,
         ):
             yield
 

@@ -249,6 +249,31 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
     assert at_tp2["model.blocks.0.attn.qkv.weight"].shape == (96, 32)  # whole, not a tp shard
 
 
+def test_zero3_with_tp_partitions_over_dp_only(tmp_path: Path) -> None:
+    """ZeRO 3 at tp 2: each parameter is partitioned over the data-parallel group only (zero.Init
+    is given that group), so the run trains exactly as at ZeRO 1, its checkpoint holds each tp
+    rank's whole parameters, and it resumes at tp 1 dp 2. Before: partitioned over the tp ranks
+    too, other losses, and a checkpoint no reader could use."""
+    from lightning_reshape.checkpoint.reader import read_manifest
+
+    base = {"model": "gpt", "steps": 6, "devices": 2, "global_batch": 4, "parallel": {"tp": 2}}
+    out = run(
+        tmp_path,
+        z1={**base, "stage": 1},
+        z3={**base, "stage": 3, "ckpt_dir": str(tmp_path / "z3"), "ckpt_every": 4},
+    )
+    z1, z3 = ok(out["z1"]), ok(out["z3"])
+    for step, loss in z1["losses"].items():
+        assert z3["losses"][step] == pytest.approx(loss, rel=1e-6, abs=0), step
+    ck = tmp_path / "z3" / "step=4.ckpt"
+    m = read_manifest(ck)
+    assert (m.topology.tp, m.topology.dp, m.topology.zero_stage) == (2, 1, 3)
+    tp1 = {**base, "stage": 3, "parallel": {"tp": 1}, "resume": str(ck)}
+    resumed = ok(run(tmp_path, tp1=tp1)["tp1"])
+    assert resumed["resume"]["reshaped"] and resumed["resume"]["saved"] == [2, 1, 1]
+    assert_continues(resumed, z3, exact=False)
+
+
 def test_impossible_layout_says_what_to_set(tmp_path: Path) -> None:
     """Layout and ckpt_path are checked before Lightning starts rank 1: one message, once."""
     plain = tmp_path / "plain.ckpt"  # a Lightning checkpoint saved without DeepSpeed
