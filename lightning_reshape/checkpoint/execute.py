@@ -209,6 +209,8 @@ def _write_file(
     # carried tensors keep their geometry and share storages as in the source (see
     # _replace_tensors): (src file, src storage, new storage), each source storage once
     carried: list[tuple[str, StorageRef, StorageRef]] = []
+    memo: dict[int, Any] = {}
+    carried_keys: set[tuple[str, tuple[Any, ...]]] = set()
     # (new tensor, [(src file, src tensor, src elem offset, dst elem offset, numel)])
     jobs: list[tuple[TensorRef, list[tuple[str, TensorRef, int, int, int]]]] = []
     for item in tf.items:
@@ -223,10 +225,12 @@ def _write_file(
                     "missing; the file does not match its manifest"
                 ) from None
             found: list[tuple[StorageRef, StorageRef]] = []
-            # sharing is kept within one carried value only: one source tensor carried to
-            # several places (a group's ``step`` into each parameter's ZeRO 0 state) must give
-            # independent tensors, or in-place updates after the load would alias
-            _set(obj, item.dst_key, _replace_tensors(value, found, {}))
+            # storages shared in the source stay shared, but one source value carried to
+            # several places (a group's ``step`` into each parameter's ZeRO 0 state) gives
+            # independent tensors, or in-place updates after the load would alias them
+            again = (item.src_file, tuple(item.src_key)) in carried_keys
+            carried_keys.add((item.src_file, tuple(item.src_key)))
+            _set(obj, item.dst_key, _replace_tensors(value, found, {} if again else memo))
             carried.extend((item.src_file, original, new) for new, original in found)
         elif isinstance(item, TensorFill):
             if item.tie is not None:
