@@ -35,7 +35,7 @@ def test_damaged_copy_redone_once_for_two_jobs(tmp_path: Path) -> None:
     )
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
     repaired = [n for n, log in logs.items() if "damaged reshaped output" in log]
-    reused = [n for n, log in logs.items() if "reused the complete reshaped copy" in log]
+    reused = [n for n, log in logs.items() if "reusing the reshaped copy made earlier" in log]
     assert len(repaired) == 1 and len(reused) == 1 and repaired != reused, logs
     assert f"{shard.name}: CRC-32 " in logs[repaired[0]]
     assert "reshaped in" in logs[repaired[0]]
