@@ -26,10 +26,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 import lightning_reshape  # noqa: F401  (registers strategy="deepspeed_reshape")
+from lightning_reshape.errors import ReshapeError
 
 
 @hydra.main(config_path="pkg://lightning_reshape.configs", config_name="train", version_base=None)
 def main(cfg: DictConfig) -> None:
+    try:
+        run(cfg)
+    except ReshapeError as exc:  # a layout or checkpoint we refuse: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(2)
+
+
+def run(cfg: DictConfig) -> None:
     pl.seed_everything(cfg.seed, workers=True)
     model = instantiate(cfg.model)
     data = instantiate(cfg.data)

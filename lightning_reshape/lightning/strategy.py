@@ -577,6 +577,11 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
             )
         if policy.direct and self._direct_possible(saved, current):
             return self._load_direct(checkpoint_path, saved, current, policy, start)
+        if policy.direct:
+            rank_zero_info(
+                "lightning-reshape: the direct load covers dp-only changes at ZeRO 1/2 outside the "
+                "pipeline engine; this change is loaded through a reshaped copy"
+            )
         target = self._reshaped_dir(checkpoint_path, current, policy)
         reused = self._reshape(checkpoint_path, target, current, policy)
         seconds = time.perf_counter() - start
