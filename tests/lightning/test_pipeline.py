@@ -16,7 +16,6 @@ carry on. Runs of one launch start together; 4-process runs are the slow part.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -190,10 +189,6 @@ def test_resume_back_to_pp2(pp_runs: dict[str, Any]) -> None:
     assert same["losses"] == {k: ok(pp_runs["pp2"])["losses"][k] for k in ("4", "5")}
 
 
-@pytest.mark.skipif(
-    not os.environ.get("LIGHTNING_RESHAPE_SLOW"),
-    reason="4-process tp x pp runs (~2 min); set LIGHTNING_RESHAPE_SLOW=1",
-)
 def test_tp2_pp2_resumes_at_tp1(tmp_path: Path) -> None:
     """tp 2 x pp 2 (tensor-parallel blocks inside the stages) resumed at tp 1 x pp 2 x dp 2 and
     at tp 1 x pp 1 x dp 4; the reference is a tp 1 x pp 2 run of the same model."""
