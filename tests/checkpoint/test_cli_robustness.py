@@ -1,0 +1,81 @@
+"""Hostile input to the CLI: every failure is one line on stderr and exit 2 (130 on Ctrl-C),
+never a traceback, and export refuses the damaged sources convert refuses."""
+
+from __future__ import annotations
+
+import resource
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+
+from lightning_reshape.cli import main
+from tests.checkpoint.damage import flip_data_byte
+from tests.checkpoint.helpers import copy_save
+
+
+def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
+    """Run the CLI in process; assert exit 2 and one error line holding every needle."""
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _tag(save: Path) -> Path:
+    return save / (save / "latest").read_text().strip()
+
+
+def test_export_refuses_a_flipped_bit_and_a_shard_of_another_save(
+    ckpt_root: dict[int, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = ckpt_root[2] / "z1"
+    shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    # (a) one flipped bit in an optimizer record, zip CRC left stale
+    flipped = copy_save(src, tmp_path / "flipped")
+    flip_data_byte(_tag(flipped) / shard, "1", 3)
+    _fails(capsys, ["export", str(flipped), str(tmp_path / "o1")], shard, "CRC-32")
+    assert not (tmp_path / "o1").exists()
+    # (b) rank 1's optimizer shard copied from an earlier save of the same run
+    mixed = copy_save(src, tmp_path / "mixed")
+    tags = sorted(p for p in mixed.iterdir() if p.is_dir() and p.name.startswith("global_step"))
+    assert len(tags) >= 2, tags
+    shutil.copy2(tags[0] / shard, _tag(mixed) / shard)
+    line = _fails(capsys, ["export", str(mixed), str(tmp_path / "o2")])
+    assert "convert" not in line
+    code = main(["convert", str(mixed), str(tmp_path / "c2")])  # convert refuses it too
+    assert code == 2
+    capsys.readouterr()
+    assert not (tmp_path / "o2").exists()
+    # the pristine source still exports
+    assert main(["export", str(src), str(tmp_path / "ok")]) == 0
+    capsys.readouterr()
+
+
+def test_export_output_errors_are_one_line(
+    ckpt_root: dict[int, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = ckpt_root[2] / "z1"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    # the output's parent is a file: NotADirectoryError / FileExistsError -> one line
+    _fails(capsys, ["export", str(src), str(blocker / "out")], str(blocker))
+    # a file-size limit (ulimit -f): the write fails with EFBIG, as the console script sees it
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256, old_limit[1]))
+    try:
+        code = main(["export", str(src), str(tmp_path / "big")])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "cannot write" in err and "EFBIG" in err, err
+    assert not (tmp_path / "big").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
