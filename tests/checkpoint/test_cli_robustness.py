@@ -3,6 +3,7 @@ never a traceback, and export refuses the damaged sources convert refuses."""
 
 from __future__ import annotations
 
+import os
 import resource
 import shutil
 import signal
@@ -17,7 +18,10 @@ from tests.checkpoint.helpers import copy_save
 
 def _fails(capsys: pytest.CaptureFixture[str], argv: list[str], *needles: str) -> str:
     """Run the CLI in process; assert exit 2 and one error line holding every needle."""
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's usage errors exit from inside parse_args
+        code = exc.code  # type: ignore[assignment]
     err = capsys.readouterr().err
     assert code == 2, err
     lines = err.strip().splitlines()
@@ -79,3 +83,42 @@ def test_export_output_errors_are_one_line(
     assert "cannot write" in err and "EFBIG" in err, err
     assert not (tmp_path / "big").exists()
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_bad_tp_rules_degrees_and_world_sizes_are_one_line(
+    ckpt_root: dict[int, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    src = str(ckpt_root[2] / "z1")
+    out = str(tmp_path / "out")
+    _fails(capsys, ["convert", src, out, "--tp", "2", "--tp-rule", "(=0", "--dry-run"], "regex")
+    _fails(capsys, ["inspect", src, "--tp-rule", "x=0:0"], "'x=0:0'", "STRIDE >= 1")
+    _fails(capsys, ["export", src, out, "--tp-rule", "x=-1"], "'x=-1'", "DIM >= 0")
+    _fails(capsys, ["export", src, out, "--tp-rule", "[=replicated"], "regex")
+    _fails(capsys, ["groups", "--world-size", "99999999999999999999"], "2**20")
+    _fails(capsys, ["groups", "--world-size", "8", "--tp", "2097152"], "2**20")
+    _fails(capsys, ["convert", "--dry-run", src, out, "--dp", "99999999"], "--dp", "2**20")
+    assert not (tmp_path / "out").exists()
+
+
+def test_keyboard_interrupt_is_one_line_exit_130(
+    ckpt_root: dict[int, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C during a reshape: 'interrupted', exit 130, no traceback (SIGINT sent for real)."""
+    src = str(ckpt_root[2] / "z1")
+    import lightning_reshape.checkpoint.convert as convert_mod
+
+    real = convert_mod.plan_conversion
+
+    def plan_then_sigint(*args: object, **kwargs: object) -> object:
+        plan = real(*args, **kwargs)  # type: ignore[arg-type]
+        os.kill(os.getpid(), signal.SIGINT)  # the default handler raises KeyboardInterrupt
+        return plan
+
+    convert_mod.plan_conversion = plan_then_sigint  # type: ignore[assignment]
+    try:
+        code = main(["convert", src, str(tmp_path / "out")])
+    finally:
+        convert_mod.plan_conversion = real
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert err.strip() == "lightning-reshape convert: interrupted", err
