@@ -122,3 +122,37 @@ def test_keyboard_interrupt_is_one_line_exit_130(
     err = capsys.readouterr().err
     assert code == 130, err
     assert err.strip() == "lightning-reshape convert: interrupted", err
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"format": 1' + "0" * 100_000 + "}", "integer string conversion"),
+        (
+            '{"format": "lightning-reshape", "version": 1, "topology": [1, 2], "zero_stage": 1}',
+            "not a valid lightning-reshape sidecar",
+        ),
+        ("\xff\xfe garbage", "cannot read sidecar"),
+    ],
+    ids=["deep", "bigint", "types", "garbage"],
+)
+def test_hostile_sidecar_is_one_line_naming_it(
+    ckpt_root: dict[int, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    body: str,
+    needle: str,
+) -> None:
+    save = copy_save(ckpt_root[2] / "z1", tmp_path / "src")
+    sidecar = _tag(save) / "lightning_reshape.json"
+    sidecar.write_bytes(body.encode("latin-1"))
+    out = str(tmp_path / "out")
+    for argv in (
+        ["inspect", str(save)],
+        ["convert", "--dry-run", str(save), out],
+        ["export", str(save), out],
+        ["verify", str(save), str(ckpt_root[2] / "z1")],
+    ):
+        _fails(capsys, argv, str(sidecar), needle)
+    assert not (tmp_path / "out").exists()
