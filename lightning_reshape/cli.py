@@ -267,11 +267,40 @@ def _tp_rules(texts: Sequence[str]) -> list[object]:
     return [_parse_tp_rule(text) for text in texts]
 
 
+# degrees up to this are planned without a look at the model's size first
+_CHEAP_DEGREE = 1024
+
+
+def _check_degrees(args: argparse.Namespace, rules: Sequence[object]) -> None:
+    """Refuse a tp, pp or dp above the number of parameter elements: most ranks would hold
+    nothing, and planning a million ranks' files takes minutes. Why only for large degrees:
+    this reads the source's metadata a second time, which small degrees never need."""
+    degrees = {a: getattr(args, a) for a in ("tp", "pp", "dp") if getattr(args, a)}
+    if not degrees or max(degrees.values()) <= _CHEAP_DEGREE:
+        return
+    from lightning_reshape.checkpoint.manifest import ROLE_PARAM
+    from lightning_reshape.checkpoint.reader import read_manifest
+
+    manifest = read_manifest(
+        args.src,
+        trust_checkpoint=args.trust_checkpoint,
+        tp_rules=rules,  # type: ignore[arg-type]
+    )
+    elements = sum(e.numel for e in manifest.entries(ROLE_PARAM))
+    for axis, value in degrees.items():
+        if value > elements:
+            raise ReshapeError(
+                f"--{axis} {value} is larger than the {elements} parameter elements of "
+                f"{manifest.root}; every rank needs a share: choose at most {elements}"
+            )
+
+
 def _run_convert(args: argparse.Namespace) -> int:
     from lightning_reshape.checkpoint.convert import convert_checkpoint, plan_conversion
     from lightning_reshape.checkpoint.plan import format_plan
 
     rules = _tp_rules(args.tp_rule)
+    _check_degrees(args, rules)
     if args.dry_run:
         plan = plan_conversion(
             args.src,

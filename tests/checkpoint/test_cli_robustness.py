@@ -7,6 +7,7 @@ import os
 import resource
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,9 @@ def test_bad_tp_rules_degrees_and_world_sizes_are_one_line(
     _fails(capsys, ["groups", "--world-size", "99999999999999999999"], "2**20")
     _fails(capsys, ["groups", "--world-size", "8", "--tp", "2097152"], "2**20")
     _fails(capsys, ["convert", "--dry-run", src, out, "--dp", "99999999"], "--dp", "2**20")
+    t0 = time.perf_counter()  # below 2**20 but above the model's elements: refused at once
+    _fails(capsys, ["convert", "--dry-run", src, out, "--dp", "1048576"], "--dp", "elements")
+    assert time.perf_counter() - t0 < 10
     assert not (tmp_path / "out").exists()
 
 
