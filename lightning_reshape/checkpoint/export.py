@@ -178,7 +178,13 @@ def _check_crcs(manifest: Manifest, items: Sequence[ExportItem]) -> None:
     as convert and verify do, rather than writing weights from it with exit code 0."""
     files = dict.fromkeys(p.file for item in items for p in item.entry.pieces)
     for file in files:
-        torchfile.check_crcs(os.path.join(manifest.root, file))
+        path = os.path.join(manifest.root, file)
+        try:
+            torchfile.check_crcs(path)
+        except CheckpointError as exc:  # e.g. a file truncated since it was listed
+            if path in str(exc):
+                raise
+            raise CheckpointError(f"{path}: {exc}") from None
 
 
 def _check_consistency(manifest: Manifest, tp_rules: Sequence[TPRule]) -> None:

@@ -160,3 +160,27 @@ def test_hostile_sidecar_is_one_line_naming_it(
     ):
         _fails(capsys, argv, str(sidecar), needle)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_names_a_source_file_truncated_after_it_was_listed(
+    ckpt_root: dict[int, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The file is cut (as by a copy still running) between listing and reading: the error
+    names it."""
+    import lightning_reshape.checkpoint.export as export_mod
+
+    save = copy_save(ckpt_root[2] / "z1", tmp_path / "src")
+    shard = _tag(save) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    real = export_mod.export_items
+
+    def items_then_truncate(*args: object, **kwargs: object) -> object:
+        items = real(*args, **kwargs)  # type: ignore[arg-type]
+        os.truncate(shard, shard.stat().st_size * 2 // 3)
+        return items
+
+    monkeypatch.setattr(export_mod, "export_items", items_then_truncate)
+    _fails(capsys, ["export", str(save), str(tmp_path / "out")], str(shard))
+    assert not (tmp_path / "out").exists()
