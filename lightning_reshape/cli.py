@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from lightning_reshape.errors import ReshapeError
 from lightning_reshape.topology import DEFAULT_ORDER, GROUP_KINDS, ParallelConfig
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,6 +26,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+# largest parallel degree or world size accepted: far above any real job, and small enough
+# that planning or listing the groups answers at once instead of running for minutes
+MAX_DEGREE = 2**20
 
 
 def _positive_int(text: str) -> int:
@@ -36,25 +43,51 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _tp_rule(text: str) -> object:
-    """``REGEX=DIM[:STRIDE]`` or ``REGEX=replicated`` -> a reader TPRule."""
+def _degree(text: str) -> int:
+    """A parallel degree or world size: a whole number from 1 to MAX_DEGREE."""
+    if len(text.strip()) > 20:  # int() of a huge digit string is itself slow (and limited)
+        raise argparse.ArgumentTypeError(f"{text[:20]}... is above {MAX_DEGREE} (2**20)")
+    value = _positive_int(text)
+    if value > MAX_DEGREE:
+        raise argparse.ArgumentTypeError(f"{value} is above {MAX_DEGREE} (2**20)")
+    return value
+
+
+def _parse_tp_rule(text: str) -> object:
+    """``REGEX=DIM[:STRIDE]`` or ``REGEX=replicated`` -> a reader TPRule; ReshapeError if not."""
     from lightning_reshape.checkpoint.reader import TPRule
     from lightning_reshape.checkpoint.sidecar import TPSplit
 
     pattern, sep, split = text.rpartition("=")
     if not sep or not pattern:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not REGEX=DIM[:STRIDE] or REGEX=replicated (e.g. 'dense_4h=0')"
+        raise ReshapeError(
+            f"--tp-rule {text!r}: expected REGEX=DIM[:STRIDE] or REGEX=replicated "
+            "(e.g. 'dense_4h=0')"
         )
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as exc:
+        raise ReshapeError(
+            f"--tp-rule {text!r}: {pattern!r} is not a valid regex ({exc})"
+        ) from None
     if split == "replicated":
         return TPRule(pattern, None)
     dim, _, stride = split.partition(":")
     try:
         return TPRule(pattern, TPSplit(dim=int(dim), stride=int(stride or 1)))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: {split!r} is not DIM[:STRIDE] (whole numbers) or 'replicated'"
+    except (ValueError, ReshapeError) as exc:
+        raise ReshapeError(
+            f"--tp-rule {text!r}: {split!r} is not DIM[:STRIDE] (whole numbers, DIM >= 0, "
+            f"STRIDE >= 1) or 'replicated' ({exc})"
         ) from None
+
+
+def _tp_rule(text: str) -> object:
+    """argparse type of ``--tp-rule``: a bad rule is a usage error (one line, exit 2)."""
+    try:
+        return _parse_tp_rule(text)
+    except ReshapeError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--tp-rule ")) from None
 
 
 DESCRIPTION = (
@@ -91,9 +124,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="print the rank groups of a parallel layout",
         description="Print which ranks form each group (tp, pp, dp, cp, ep, ...) of a layout.",
     )
-    groups.add_argument(
-        "--world-size", type=_positive_int, required=True, help="total number of ranks"
-    )
+    groups.add_argument("--world-size", type=_degree, required=True, help="total number of ranks")
     for axis, what in (
         ("tp", "tensor"),
         ("pp", "pipeline"),
@@ -101,11 +132,11 @@ def _build_parser() -> argparse.ArgumentParser:
         ("ep", "expert"),
     ):
         groups.add_argument(
-            f"--{axis}", type=_positive_int, default=1, help=f"{what}-parallel degree (default 1)"
+            f"--{axis}", type=_degree, default=1, help=f"{what}-parallel degree (default 1)"
         )
     groups.add_argument(
         "--etp",
-        type=_positive_int,
+        type=_degree,
         default=None,
         help="tensor-parallel degree inside experts (default: --tp)",
     )
@@ -142,7 +173,7 @@ def _build_parser() -> argparse.ArgumentParser:
     for axis, what in (("tp", "tensor"), ("pp", "pipeline"), ("dp", "data")):
         convert.add_argument(
             f"--{axis}",
-            type=_positive_int,
+            type=_degree,
             default=None,
             help=f"target {what}-parallel degree (default: the source's)",
         )
@@ -233,27 +264,35 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _tp_rules(texts: Sequence[str]) -> list[object]:
-    from lightning_reshape.checkpoint.reader import TPRule
-    from lightning_reshape.checkpoint.sidecar import TPSplit
+    return [_parse_tp_rule(text) for text in texts]
 
-    rules: list[object] = []
-    for text in texts:
-        pattern, sep, spec = text.rpartition("=")
-        if not sep or not pattern:
+
+# degrees up to this are planned without a look at the model's size first
+_CHEAP_DEGREE = 1024
+
+
+def _check_degrees(args: argparse.Namespace, rules: Sequence[object]) -> None:
+    """Refuse a tp, pp or dp above the number of parameter elements: most ranks would hold
+    nothing, and planning a million ranks' files takes minutes. Why only for large degrees:
+    this reads the source's metadata a second time, which small degrees never need."""
+    degrees = {a: getattr(args, a) for a in ("tp", "pp", "dp") if getattr(args, a)}
+    if not degrees or max(degrees.values()) <= _CHEAP_DEGREE:
+        return
+    from lightning_reshape.checkpoint.manifest import ROLE_PARAM
+    from lightning_reshape.checkpoint.reader import read_manifest
+
+    manifest = read_manifest(
+        args.src,
+        trust_checkpoint=args.trust_checkpoint,
+        tp_rules=rules,  # type: ignore[arg-type]
+    )
+    elements = sum(e.numel for e in manifest.entries(ROLE_PARAM))
+    for axis, value in degrees.items():
+        if value > elements:
             raise ReshapeError(
-                f"--tp-rule {text!r}: expected REGEX=DIM[:STRIDE] or REGEX=replicated"
+                f"--{axis} {value} is larger than the {elements} parameter elements of "
+                f"{manifest.root}; every rank needs a share: choose at most {elements}"
             )
-        if spec == "replicated":
-            rules.append(TPRule(pattern, None))
-            continue
-        dim, _, stride = spec.partition(":")
-        try:
-            rules.append(TPRule(pattern, TPSplit(dim=int(dim), stride=int(stride or 1))))
-        except ValueError:
-            raise ReshapeError(
-                f"--tp-rule {text!r}: {spec!r} is not DIM[:STRIDE] or 'replicated'"
-            ) from None
-    return rules
 
 
 def _run_convert(args: argparse.Namespace) -> int:
@@ -261,6 +300,7 @@ def _run_convert(args: argparse.Namespace) -> int:
     from lightning_reshape.checkpoint.plan import format_plan
 
     rules = _tp_rules(args.tp_rule)
+    _check_degrees(args, rules)
     if args.dry_run:
         plan = plan_conversion(
             args.src,
@@ -369,6 +409,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly, as Unix tools do
         sys.stderr.close()
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: partial output is left for the re-run to resume
+        print(f"lightning-reshape {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except RecursionError:  # a hostile file nested too deep for any parser we call
+        print(
+            f"lightning-reshape {args.command}: error: an input file is nested too deeply to "
+            "read (a JSON or pickle structure thousands of levels deep); it is not one we wrote",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
 
 
 def console_main() -> None:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from lightning_reshape.checkpoint import torchfile
+from lightning_reshape.checkpoint.execute import output_errors
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
@@ -30,7 +32,12 @@ from lightning_reshape.checkpoint.manifest import (
     Manifest,
     TensorEntry,
 )
-from lightning_reshape.checkpoint.reader import ShardReader, TPRule, entry_bytes, read_manifest
+from lightning_reshape.checkpoint.reader import (
+    ShardReader,
+    TPRule,
+    entry_bytes,
+    read_manifest,
+)
 from lightning_reshape.errors import CheckpointError, ReshapeError
 
 if TYPE_CHECKING:
@@ -162,6 +169,39 @@ def _safetensors_header(items: Sequence[ExportItem], metadata: dict[str, str]) -
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _check_crcs(manifest: Manifest, items: Sequence[ExportItem]) -> None:
+    """CRC-32 check every storage record of every source file the export reads.
+
+    Why whole files, as convert does: a flipped bit anywhere in a file the weights come from
+    (an optimizer moment next to the fp32 master) means the save is damaged; export refuses it
+    as convert and verify do, rather than writing weights from it with exit code 0."""
+    files = dict.fromkeys(p.file for item in items for p in item.entry.pieces)
+    for file in files:
+        path = os.path.join(manifest.root, file)
+        try:
+            torchfile.check_crcs(path)
+        except CheckpointError as exc:  # e.g. a file truncated since it was listed
+            if path in str(exc):
+                raise
+            raise CheckpointError(f"{path}: {exc}") from None
+
+
+def _check_consistency(manifest: Manifest, tp_rules: Sequence[TPRule]) -> None:
+    """Refuse a source whose files do not form one save, with convert's checks.
+
+    Why: export reads only the weights, so an optimizer shard copied from another save (a
+    different step, partitions that do not cover the parameters) would go unnoticed; planning
+    the identity reshape runs every cross-file check convert runs, reading metadata only."""
+    from lightning_reshape.checkpoint.plan import Target, build_plan, read_source_meta
+
+    if manifest.extra.get("elastic_checkpoint"):
+        return  # export reads elastic saves, which convert cannot plan (refuse_elastic)
+    meta = read_source_meta(manifest)
+    topo = manifest.topology
+    target = Target(topo.tp, topo.pp, topo.dp, topo.zero_stage, "parameters")
+    build_plan(manifest, meta, target, tp_rules=tp_rules)
+
+
 def _data(item: ExportItem, reader: ShardReader) -> bytes | bytearray | memoryview:
     """The tensor's bytes in the output dtype; torch only when a cast is needed."""
     data = entry_bytes(item.entry, reader)
@@ -264,15 +304,18 @@ def export_checkpoint(
     if out_path.exists() and (not out_path.is_dir() or any(out_path.iterdir())):
         raise ReshapeError(f"{out_path}: exists and is not an empty folder; choose a new path")
     manifest = read_manifest(src, tag=tag, trust_checkpoint=trust, tp_rules=tp_rules)
+    _check_consistency(manifest, tp_rules)
     items = export_items(manifest, dtype)
+    _check_crcs(manifest, items)
     shards = _shards(items, limit)
     names = _file_names(fmt, len(shards))
     total = sum(i.nbytes for i in items)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
     part = out_path.parent / f".{out_path.name}.partial-{os.getpid()}"
-    shutil.rmtree(part, ignore_errors=True)
-    part.mkdir()
+    with output_errors(out_path):
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir()
     bar = None
     if progress:
         from tqdm import tqdm
@@ -284,22 +327,25 @@ def export_checkpoint(
             bar.update(n)
 
     write = _write_safetensors if fmt == "safetensors" else _write_torch
+    reader = ShardReader(manifest.root, trust_checkpoint=manifest.trusted)
     try:
-        with ShardReader(manifest.root, trust_checkpoint=manifest.trusted) as reader:
+        with reader, output_errors(out_path):
             for shard, name in zip(shards, names, strict=True):
                 write(part / name, shard, reader, tick)
-        if len(shards) > 1:
-            index = {
-                "metadata": {"total_size": total},
-                "weight_map": {i.name: n for s, n in zip(shards, names, strict=True) for i in s},
-            }
-            (part / _index_name(fmt)).write_text(json.dumps(index, indent=2) + "\n")
-        fd = os.open(part, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(part, out_path)  # an empty folder at out_path is replaced atomically
+            if len(shards) > 1:
+                index = {
+                    "metadata": {"total_size": total},
+                    "weight_map": {
+                        i.name: n for s, n in zip(shards, names, strict=True) for i in s
+                    },
+                }
+                (part / _index_name(fmt)).write_text(json.dumps(index, indent=2) + "\n")
+            fd = os.open(part, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(part, out_path)  # an empty folder at out_path is replaced atomically
     except BaseException:
         shutil.rmtree(part, ignore_errors=True)
         raise

@@ -119,7 +119,7 @@ class Sidecar:
             )
         except CheckpointError:
             raise
-        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as exc:
             raise CheckpointError(
                 f"{source}: not a valid lightning-reshape sidecar ({exc}); delete it to fall "
                 "back to DeepSpeed's own metadata, or rewrite it with write_sidecar()"
@@ -145,6 +145,14 @@ def read_sidecar(tag_dir: str | os.PathLike[str]) -> Sidecar | None:
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: cannot read sidecar ({exc})") from exc
+    except RecursionError:  # hostile nesting: the decoder recurses once per level
+        raise CheckpointError(
+            f"{path}: cannot read sidecar (JSON nested too deeply); delete it to fall back to "
+            "DeepSpeed's own metadata, or rewrite it with write_sidecar()"
+        ) from None
+    except (OSError, UnicodeError, ValueError) as exc:  # ValueError: also a number too long
+        raise CheckpointError(
+            f"{path}: cannot read sidecar ({exc}); delete it to fall back to DeepSpeed's own "
+            "metadata, or rewrite it with write_sidecar()"
+        ) from None
     return Sidecar.from_json(data, path)

@@ -18,6 +18,8 @@ from lightning_reshape.topology.grid import Topology
 #: The axes of the dense (attention) grid, in Megatron's token spelling.
 DENSE_AXES = ("tp", "cp", "ep", "dp", "pp")
 DEFAULT_ORDER = "tp-cp-ep-dp-pp"
+# largest world size resolved: above any real job; bounds the memory of the rank grid
+MAX_WORLD_SIZE = 2**20
 
 
 def _check_size(name: str, value: object) -> int:
@@ -63,6 +65,11 @@ class ParallelConfig:
     def resolve(self, world_size: int) -> ParallelLayout:
         """Check every size against ``world_size`` and return the concrete layout."""
         world_size = _check_size("world_size", world_size)
+        if world_size > MAX_WORLD_SIZE:
+            raise TopologyError(
+                f"world_size={world_size} is above {MAX_WORLD_SIZE} (2**20) ranks; no job is that "
+                "large, and listing its groups would take gigabytes. Check the value."
+            )
         tp = _check_size("tp", self.tp)
         pp = _check_size("pp", self.pp)
         cp = _check_size("cp", self.cp)
