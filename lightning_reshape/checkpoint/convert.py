@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lightning_reshape.checkpoint.execute import (
     check_output,
+    check_tag,
     discard_partial,
     execute_plan,
     finalize_output,
@@ -118,7 +119,7 @@ def convert_checkpoint(
         tp_rules=tp_rules,
         pp_partition=pp_partition,
     )
-    out_tag = tag or plan.source_tag
+    out_tag = check_tag(tag or plan.source_tag)  # before anything is written
     check_destination(dst, source=(src, plan.source_root))
     src_save_dir = Path(plan.source_root).parent.resolve()
     latest = Path(dst).resolve() != src_save_dir
@@ -187,6 +188,7 @@ def copy_recovery_script(save_dir: str | os.PathLike[str]) -> list[Path]:
             continue
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
         try:
+            tmp.unlink(missing_ok=True)  # a planted link there is removed, never written through
             shutil.copyfile(script, tmp)
             os.chmod(tmp, 0o755)  # stock saves make them executable too
             os.replace(tmp, dst)

@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 from collections import OrderedDict
@@ -61,6 +62,7 @@ __all__ = [
     "lock_output",
     "check_output",
     "file_checksum",
+    "check_tag",
     "write_plan",
 ]
 
@@ -91,6 +93,77 @@ def _carries_and_copies(tf: TargetFile) -> list[Any]:
     for t in tf.tensors:
         out.extend(t.copies)
     return out
+
+
+def check_tag(tag: str) -> str:
+    """Refuse a tag that is not one plain path component (``a/b``, ``..``, ``/abs``, NUL...).
+
+    Why: the tag names the output folder ``dst/tag`` and its partial folder; anything else
+    would write outside the destination (into the source, say). Returns the tag."""
+    if (
+        not isinstance(tag, str)
+        or tag in ("", ".", "..")
+        or "/" in tag
+        or "\0" in tag
+        or os.path.isabs(tag)
+    ):
+        raise CheckpointError(
+            f"tag {tag!r}: not a plain folder name (no '/', '..', '.', absolute path or NUL); "
+            "give a tag such as global_step100 (--tag), or fix the source's latest file"
+        )
+    return tag
+
+
+def _is_regular(path: Path) -> bool:
+    """A regular file itself (not a symlink, FIFO, folder or device): safe to open and read."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _refuse_symlink(path: Path) -> None:
+    if path.is_symlink():
+        raise CheckpointError(
+            f"{path}: is a symbolic link; the output is never written through a link (it "
+            "could lead outside the destination): remove it and run again"
+        )
+
+
+def _open_new(path: Path, flags: int = os.O_WRONLY) -> int:
+    """Create ``path`` afresh: an existing entry (a planted symlink included) is removed first
+    and the new one opened with O_EXCL|O_NOFOLLOW, so no link is ever followed."""
+    with contextlib.suppress(FileNotFoundError):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
+    return os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+
+
+def _write_new(path: Path, text: str, *, sync: bool = False) -> None:
+    fd = _open_new(path)
+    try:
+        _pwrite_all(fd, text.encode(), 0)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_small(path: Path) -> str:
+    """Read a small text file without following a link or blocking on a FIFO (OSError when it
+    is not a regular file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
 
 
 def partial_dir(dst: str | os.PathLike[str], tag: str) -> Path:
@@ -246,6 +319,7 @@ def _write_file(
                 runs.append((c.src_file, src_t, c.src_offset, c.dst_offset, c.numel))
             jobs.append((new, runs))
     tmp = folder / f"{tf.name}.tmp"
+    os.close(_open_new(tmp))  # a planted link at name.tmp is removed, never followed
     offsets = torchfile.save(obj, tmp, archive=Path(tf.name).stem)
     del obj
     moved = 0
@@ -254,7 +328,7 @@ def _write_file(
     # per source tensor: (elements, byte offset in its file when contiguous)
     addressable: dict[int, tuple[int, int | None]] = {}
     src_files: dict[str, torchfile.StoredFile] = {}  # opened by identity: no swapped file read
-    fd = os.open(tmp, os.O_WRONLY)
+    fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW)
     try:
         for file, src_s, dst_s in carried:  # whole storage records, byte for byte
             nbytes = src_s.numel * src_s.dtype.itemsize
@@ -521,7 +595,7 @@ def execute_plan(
     todo = [
         f
         for f in plan.files
-        if (wanted is None or f.name in wanted) and not (folder / f.name).exists()
+        if (wanted is None or f.name in wanted) and not _finished(folder, f.name)
     ]
     if wanted is not None:
         unknown = wanted - {f.name for f in plan.files}
@@ -561,6 +635,42 @@ def execute_plan(
     return done
 
 
+def _finished(folder: Path, name: str) -> bool:
+    """Whether ``folder/name`` is a finished file to keep: a regular file matching the size and
+    block CRC-32s its writer recorded in ``.name.sum``. Anything else there is removed (logged)
+    and written again: a kill may leave a file of an older run, or someone may damage it."""
+    path = folder / name
+    if not os.path.lexists(path):
+        return False
+    why = None
+    if not _is_regular(path):
+        why = "not a regular file"
+    else:
+        known = _read_sum(folder, name)
+        if known is None:
+            why = "no checksum record"
+        else:
+            try:
+                got = file_checksum(path)
+            except OSError as exc:
+                got, why = None, f"unreadable ({exc.strerror})"
+            if got is not None and (got[0], got[1]) != (known["size"], known["crc32"]):
+                why = "does not match its checksum record"
+    if why is None:
+        return True
+    log.warning("%s: %s; writing it again", path, why)
+    _remove(path)
+    return False
+
+
+def _remove(path: Path) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
 # --------------------------------------------------------------------------------------------
 # checksums, resource errors, the lock
 
@@ -580,9 +690,12 @@ def file_checksum(path: str | os.PathLike[str], *, threads: int = 2) -> tuple[in
     Why per block: blocks are checksummed in parallel (the CRC releases the GIL), so one large
     shard does not cost one core's time, and a mismatch says where the damage is.
     """
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO never blocks
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+        size = st.st_size
 
         buffers = threading.local()  # one reused buffer per thread: no page faults per block
 
@@ -612,13 +725,13 @@ def _write_sum(folder: Path, name: str, size: int, crc: list[str]) -> None:
     """The writer's checksum of a finished file, read back by whoever finalizes the output (so
     every rank checksums only the files it wrote, while they are still in the page cache)."""
     tmp = _sum_path(folder, name).with_suffix(".tmp")
-    tmp.write_text(json.dumps({"size": size, "crc32": crc}))
+    _write_new(tmp, json.dumps({"size": size, "crc32": crc}))
     os.replace(tmp, _sum_path(folder, name))
 
 
 def _read_sum(folder: Path, name: str) -> dict[str, Any] | None:
     try:
-        value = json.loads(_sum_path(folder, name).read_text())
+        value = json.loads(_read_small(_sum_path(folder, name)))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) and {"size", "crc32"} <= set(value) else None
@@ -658,7 +771,9 @@ def lock_output(dst: str | os.PathLike[str], tag: str) -> FileLock:
     process that prepares and finalizes (rank 0), for the whole write. The kernel drops it when
     its holder dies (kill -9 included), so it never goes stale. Release with ``.release()``.
     """
+    check_tag(tag)
     dst = Path(dst)
+    _refuse_symlink(dst / f".{tag}.lock")  # opening it would truncate the link's target
     with output_errors(dst):
         dst.mkdir(parents=True, exist_ok=True)
         lock = FileLock(dst / f".{tag}.lock")
@@ -672,11 +787,16 @@ def lock_output(dst: str | os.PathLike[str], tag: str) -> FileLock:
 
 def _record(final: Path) -> dict[str, Any] | None:
     try:
-        record = json.loads((final / COMPLETE_MARKER).read_text())
+        record = json.loads(_read_small(final / COMPLETE_MARKER))
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
         return None  # unreadable, or written before records held checksums
+    for name in record["files"]:  # a name must stay inside the folder: ``../x``, ``/etc/passwd``
+        try:
+            check_tag(name)
+        except CheckpointError:
+            return None
     return record
 
 
@@ -691,6 +811,8 @@ def check_output(
     def one(item: tuple[str, Any]) -> tuple[str, str] | None:
         name, want = item
         path = folder / name
+        if os.path.lexists(path) and not _is_regular(path):
+            return name, "not a regular file"
         try:
             size, crc = file_checksum(path)
         except FileNotFoundError:
@@ -725,7 +847,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _reopen(final: Path, part: Path, damaged: list[str] | None) -> None:
+def _reopen(
+    final: Path, part: Path, damaged: list[str] | None, record: dict[str, Any] | None = None
+) -> None:
     """Turn a damaged complete output back into a partial folder, without its damaged files
     (``None``: all of them), so that only those are written again.
 
@@ -737,9 +861,14 @@ def _reopen(final: Path, part: Path, damaged: list[str] | None) -> None:
         if p.name == PARTIAL_MARKER or p.name.startswith("."):
             continue
         if damaged is None or p.name in damaged:
-            p.unlink()
-    if part.exists():
-        shutil.rmtree(part)
+            _remove(p)
+        elif record is not None and isinstance(record["files"].get(p.name), dict):
+            # the kept files' checksums go back beside them: a partial folder's files are
+            # kept only when they match their sums (checked again, so a bad entry is redone)
+            want = record["files"][p.name]
+            _write_sum(final, p.name, want.get("size"), want.get("crc32"))
+    if os.path.lexists(part):
+        _remove(part)
     os.rename(final, part)
 
 
@@ -765,8 +894,11 @@ def prepare_output(
     Call with the output's lock held (:func:`lock_output`). A complete output of the same plan
     is checked against its record (size and CRC-32 of every file); damaged files are logged by
     name and redone. Ends with a free-space check."""
+    check_tag(tag)
     dst = Path(dst)
     final = dst / tag
+    _refuse_symlink(final)
+    _refuse_symlink(partial_dir(dst, tag))
     if Path(plan.source_root).resolve() == final.resolve():
         raise CheckpointError(
             f"{final}: is the source tag folder; write the reshaped copy under another tag or "
@@ -776,7 +908,7 @@ def prepare_output(
     part = partial_dir(dst, tag)
     with output_errors(final):
         marker = final / COMPLETE_MARKER
-        if marker.is_file():
+        if os.path.lexists(marker):
             record = _record(final)
             ours = record is not None and record.get("fingerprint") == fp
             if record is not None and not ours:
@@ -786,7 +918,7 @@ def prepare_output(
                 )
             if record is None:
                 try:
-                    ours = (final / PARTIAL_MARKER).read_text().strip() == fp
+                    ours = _read_small(final / PARTIAL_MARKER).strip() == fp
                 except OSError:
                     ours = False
                 if not ours:
@@ -815,9 +947,9 @@ def prepare_output(
                     "; ".join(f"{name}: {why}" for name, why in damaged),
                     len(damaged),
                 )
-                _reopen(final, part, [name for name, _ in damaged])
-        if final.exists():
-            if (final / PARTIAL_MARKER).is_file():
+                _reopen(final, part, [name for name, _ in damaged], record)
+        if os.path.lexists(final):
+            if _is_regular(final / PARTIAL_MARKER):
                 shutil.rmtree(final)  # ours, renamed but never marked complete: redo it
             else:
                 raise CheckpointError(
@@ -826,10 +958,10 @@ def prepare_output(
                 )
         part.mkdir(parents=True, exist_ok=True)
         stamp = part / PARTIAL_MARKER
-        if stamp.is_file() and stamp.read_text().strip() != fp:
+        if os.path.lexists(stamp) and not (_is_regular(stamp) and _read_small(stamp).strip() == fp):
             shutil.rmtree(part)  # an interrupted output of another plan
             part.mkdir(parents=True)
-        stamp.write_text(fp + "\n")
+        _write_new(stamp, fp + "\n")
         try:
             _check_free_space(plan, part)
         except CheckpointError:
@@ -845,8 +977,8 @@ def discard_partial(dst: str | os.PathLike[str], tag: str) -> None:
 
 def _write_latest(dst: Path, tag: str) -> None:
     tmp_latest = dst / ".latest.tmp"
-    tmp_latest.write_text(tag)
-    os.replace(tmp_latest, dst / "latest")
+    _write_new(tmp_latest, tag)  # a planted link there is removed, never followed
+    os.replace(tmp_latest, dst / "latest")  # replaces a link at ``latest`` itself
 
 
 def finalize_output(
@@ -854,10 +986,13 @@ def finalize_output(
 ) -> Path:
     """Check every file is there, write the completion record (every file with its size and
     CRC-32) into the partial folder and rename it into place: complete atomically."""
+    check_tag(tag)
     dst = Path(dst)
     part = partial_dir(dst, tag)
     final = dst / tag
-    missing = [f.name for f in plan.files if not (part / f.name).is_file()]
+    _refuse_symlink(part)
+    _refuse_symlink(final)
+    missing = [f.name for f in plan.files if not _is_regular(part / f.name)]
     if missing:
         raise CheckpointError(
             f"{part}: {len(missing)} planned files are missing (e.g. {missing[0]}); a rank did not "
@@ -867,8 +1002,10 @@ def finalize_output(
         if plan.sidecar is not None:
             write_sidecar(part, plan.sidecar)
         for stale in part.glob("*.tmp"):  # left by a writer that was killed: never data
-            stale.unlink()
-        names = sorted(p.name for p in part.iterdir() if p.is_file() and not p.name.startswith("."))
+            _remove(stale)
+        names = sorted(
+            p.name for p in part.iterdir() if _is_regular(p) and not p.name.startswith(".")
+        )
 
         def entry(name: str) -> dict[str, Any]:
             known = _read_sum(part, name)
@@ -890,10 +1027,7 @@ def finalize_output(
         for name in names:
             _sum_path(part, name).unlink(missing_ok=True)
         tmp = part / f"{COMPLETE_MARKER}.tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(info, indent=2) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        _write_new(tmp, json.dumps(info, indent=2) + "\n", sync=True)
         os.replace(tmp, part / COMPLETE_MARKER)
         # a finished copy carries one marker: the partial one only told an interrupted run apart
         (part / PARTIAL_MARKER).unlink(missing_ok=True)
@@ -920,6 +1054,7 @@ def write_plan(
 
     A concurrent writer of the same output waits for the lock and then reuses the output; an
     error while writing removes the partial folder."""
+    check_tag(tag)
     dst = Path(dst)
     lock = lock_output(dst, tag)
     try:
