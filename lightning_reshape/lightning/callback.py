@@ -26,9 +26,10 @@ class ReshapePolicy:
     - ``enabled``: reshape at all; when False a changed layout stops with an error.
     - ``output_dir``: where reshaped copies go (default: inside the checkpoint directory,
       ``X.ckpt/reshaped-tp1-pp1-dp2-zero2/``); the original files are never touched.
-    - ``keep_old``: keep earlier reshaped copies of the same checkpoint. By default (False)
-      only the newest stays: older ones (only folders named ``reshaped-*`` that we wrote) are
-      deleted once the new copy is loaded, and the log says where copies go and their size.
+    - ``keep_old``: keep earlier reshaped copies of the same checkpoint (default True). With
+      False only the newest stays: older ones (only folders named ``reshaped-*`` that we wrote)
+      are deleted once the new copy is loaded. Not the default: a second job resuming the same
+      checkpoint at another layout at the same time may be loading one of them.
     - ``verify``: compare the fresh reshaped copy with the original, tensor by tensor, bit for
       bit, before loading it (reads both checkpoints once more; off by default).
     - ``trust_checkpoint``: allow arbitrary pickled types when reading the source.
@@ -42,7 +43,7 @@ class ReshapePolicy:
 
     enabled: bool = True
     output_dir: str | None = None
-    keep_old: bool = False
+    keep_old: bool = True
     verify: bool = False
     trust_checkpoint: bool = False
     workers: int = 1
@@ -71,7 +72,7 @@ class AutoReshape(Callback):
         self,
         enabled: bool = True,
         output_dir: str | os.PathLike[str] | None = None,
-        keep_old: bool = False,
+        keep_old: bool = True,
         verify: bool = False,
         trust_checkpoint: bool = False,
         workers: int = 1,
