@@ -16,6 +16,7 @@ extent into consecutive pieces, piece ``i`` being ``[bounds[i], bounds[i + 1])``
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -180,8 +181,9 @@ class ZeroGroupLayout:
     partition_size: int
     #: ``group_paddings`` entry each rank writes for this group
     group_paddings: tuple[int, ...]
-    #: per rank, ``param_slice_mappings`` as DeepSpeed writes it (names in optimizer order)
-    slice_mappings: tuple[Mapping[str, SliceAddress], ...]
+    #: per rank, ``param_slice_mappings`` as DeepSpeed writes it (names in optimizer order;
+    #: computed per rank when first read)
+    slice_mappings: Sequence[Mapping[str, SliceAddress]]
 
     @property
     def numel(self) -> int:
@@ -313,9 +315,61 @@ def zero_group_layout(
     )
 
 
+class _SliceMappings(Sequence[Mapping[str, SliceAddress]]):
+    """``param_slice_mappings`` of every rank, each computed when first asked for: a rank
+    planning its own files must not pay for the other ranks' (O(dp x parameters))."""
+
+    def __init__(
+        self, params: ParamList, offsets: Sequence[int], dp: int, partition_size: int
+    ) -> None:
+        self._params = tuple(params)
+        self._param_offsets = tuple(offsets)
+        self._dp = dp
+        self._size = partition_size
+        # the parameters' extents in flat order: each rank's are a run of them
+        self._by_offset = sorted(range(len(offsets)), key=lambda i: offsets[i])
+        self._offsets = [offsets[i] for i in self._by_offset]
+        self._ends = [offsets[i] + params[i][1] for i in self._by_offset]
+        self._cache: dict[int, Mapping[str, SliceAddress]] = {}
+
+    def __len__(self) -> int:
+        return self._dp
+
+    def __getitem__(self, rank: int) -> Mapping[str, SliceAddress]:  # type: ignore[override]
+        if not isinstance(rank, int):
+            return tuple(self)[rank]
+        if rank < 0:
+            rank += self._dp
+        if not 0 <= rank < self._dp:
+            raise IndexError(rank)
+        if rank not in self._cache:
+            self._cache[rank] = self._rank(rank)
+        return self._cache[rank]
+
+    def _rank(self, rank: int) -> Mapping[str, SliceAddress]:
+        lo, hi = rank * self._size, (rank + 1) * self._size
+        found = []
+        k = bisect.bisect_right(self._ends, lo)  # the first extent ending after lo
+        while k < len(self._offsets) and self._offsets[k] < hi:
+            found.append(self._by_offset[k])
+            k += 1
+        mapping: dict[str, SliceAddress] = {}
+        for i in sorted(found):  # names in optimizer order
+            (name, numel), offset = self._params[i], self._param_offsets[i]
+            start, end = max(lo, offset), min(hi, offset + numel)
+            if end > start:
+                mapping[name] = SliceAddress(numel=end - start, start=start - lo)
+        return MappingProxyType(mapping)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def _slice_mappings(
     params: ParamList, placed: Sequence[FlatParam], dp: int, partition_size: int
-) -> tuple[Mapping[str, SliceAddress], ...]:
+) -> Sequence[Mapping[str, SliceAddress]]:
     """``param_slice_mappings`` the way DeepSpeed derives them (``link_hp_params``).
 
     Names come in optimizer order. With per-parameter padding DeepSpeed passes the real flat
@@ -330,16 +384,7 @@ def _slice_mappings(
         offsets = [by_name[name] for name, _ in params]
     else:
         offsets = list(bounds_from_sizes([numel for _, numel in params])[:-1])
-    mappings = []
-    for r in range(dp):
-        lo, hi = r * partition_size, (r + 1) * partition_size
-        mapping: dict[str, SliceAddress] = {}
-        for (name, numel), offset in zip(params, offsets, strict=True):
-            start, end = max(lo, offset), min(hi, offset + numel)
-            if end > start:
-                mapping[name] = SliceAddress(numel=end - start, start=start - lo)
-        mappings.append(MappingProxyType(mapping))
-    return tuple(mappings)
+    return _SliceMappings(params, offsets, dp, partition_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,6 +409,11 @@ class Zero3Param:
         """Bounds over the flattened (unpadded) parameter of the piece each rank holds: pieces of
         ``partition_numel``, the last one(s) short or empty where the padding is."""
         return tuple(padded_boundaries(self.numel, self.padded_numel // self.partition_numel))
+
+    def rank_bounds(self, rank: int) -> tuple[int, int]:
+        """``param_bounds()[rank : rank + 2]``, without computing the other ranks'."""
+        step = -(-self.numel // (self.padded_numel // self.partition_numel))
+        return min(rank * step, self.numel), min((rank + 1) * step, self.numel)
 
 
 @dataclass(frozen=True)

@@ -126,11 +126,9 @@ def _sub_group_items(
         role = ROLE_FP32 if k is None else ROLE_OPTIM
         copies: list[Copy] = []
         for p in params:
-            b = p.param_bounds()
-            if b[r + 1] > b[r]:
-                copies += ctx.res.copies(
-                    ctx.entry(p.name, role, k), rank.mp, b[r], b[r + 1], p.offset
-                )
+            lo, hi = p.rank_bounds(r)
+            if hi > lo:
+                copies += ctx.res.copies(ctx.entry(p.name, role, k), rank.mp, lo, hi, p.offset)
         dkey = (*OSD, "fp32_flat_groups", s) if k is None else (*INNER, "state", s, k)
         dtype = ctx.entry(first, role, k).dtype
         items.append(TensorFill(dkey, dtype, (numel,), tuple(copies)))
