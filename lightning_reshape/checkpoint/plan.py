@@ -46,7 +46,6 @@ from lightning_reshape.checkpoint.manifest import (
     TensorEntry,
 )
 from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit
-from lightning_reshape.checkpoint.zero_layout import undo_round_robin
 from lightning_reshape.errors import CheckpointError, LayoutError
 
 if TYPE_CHECKING:
@@ -677,6 +676,8 @@ def _optimizer_groups(ctx: PlanContext) -> list[tuple[str, ...]]:
     """Trainable names per optimizer param group, in optimizer order (tp rank 0 of each source
     stage defines names; shapes come from entries); a pipeline's stages each hold a slice of
     every group, in layer order."""
+    from lightning_reshape.checkpoint.formats.zero12 import undo_round_robin
+
     src = ctx.manifest.topology
     rr = bool(ctx.zcfg.get("round_robin_gradients")) and src.zero_stage in (1, 2)
     groups: list[tuple[str, ...]] = []

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
@@ -27,8 +28,9 @@ from lightning_reshape.checkpoint.plan import Target, TargetFile, TensorFill, _l
 from lightning_reshape.checkpoint.reader import TIED_PREFIX, _whole
 from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit
 from lightning_reshape.checkpoint.torchfile import TensorRef, is_tensor
-from lightning_reshape.checkpoint.zero_layout import pipeline_stages
+from lightning_reshape.checkpoint.zero_layout import _check_bounds, _check_degree, bounds_from_sizes
 from lightning_reshape.errors import CheckpointError, LayoutError
+from lightning_reshape.topology.reshape_map import uniform_boundaries
 
 if TYPE_CHECKING:
     from lightning_reshape.checkpoint.plan import PlanContext, RankPlan, _Selection
@@ -337,3 +339,136 @@ def refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
             "reshaped (pipeline models without tied layers can; checkpoints saved by "
             "ReshapeDeepSpeedStrategy record the ties in their sidecar)"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# layout: stage boundaries as PipelineModule's partition methods draw them
+# --------------------------------------------------------------------------------------------
+
+
+def partition_uniform(num_items: int, num_parts: int) -> tuple[int, ...]:
+    """Bounds cutting ``num_items`` into ``num_parts`` runs as DeepSpeed's ``partition_uniform``:
+    sizes differ by at most one, the larger ones first; with fewer items than parts, one item per
+    part and empty parts at the end."""
+    _check_degree("num_parts", num_parts)
+    if num_items < 0:
+        raise LayoutError(f"num_items={num_items} must be >= 0.")
+    return tuple(uniform_boundaries(num_items, num_parts))
+
+
+def partition_balanced(weights: Sequence[int], num_parts: int) -> tuple[int, ...]:
+    """Bounds cutting ``weights`` into ``num_parts`` non-empty runs as DeepSpeed's
+    ``partition_balanced``: minimise (heaviest run - lightest run); among equally good cuts the
+    one found last wins (the last run as short as possible, then the one before, ...). Falls back
+    to :func:`partition_uniform` when there are no more items than parts. O(n^2 * parts)."""
+    _check_degree("num_parts", num_parts)
+    n, m = len(weights), num_parts
+    if n <= m:
+        return partition_uniform(n, m)
+    prefix = bounds_from_sizes([int(w) for w in weights]) if all(w >= 0 for w in weights) else None
+    if prefix is None:
+        raise LayoutError("layer weights must be >= 0 (trainable parameter counts).")
+    # best[j][i] = (cost, heaviest, lightest, cut) for the first i items in j runs, or None.
+    best: list[list[tuple[int, int, int | None, int] | None]] = [
+        [None] * (n + 1) for _ in range(m + 1)
+    ]
+    best[0][0] = (0, 0, None, 0)
+    for i in range(1, n + 1):
+        for j in range(1, min(i, m) + 1):
+            chosen = None
+            for k in range(i):
+                prev = best[j - 1][k]
+                if prev is None:
+                    continue
+                run = prefix[i] - prefix[k]
+                heaviest = max(prev[1], run)
+                lightest = run if prev[2] is None else min(prev[2], run)
+                cost = heaviest - lightest
+                if chosen is None or chosen[0] >= cost:
+                    chosen = (cost, heaviest, lightest, k)
+            best[j][i] = chosen
+    parts = [n]
+    for j in range(m, 0, -1):
+        entry = best[j][parts[-1]]
+        assert entry is not None  # n > m makes every state on the way back reachable
+        parts.append(entry[3])
+    return tuple(reversed(parts))
+
+
+@dataclass(frozen=True)
+class PipelineStages:
+    """Which layers each pipeline stage owns: stage ``s`` has layers ``parts[s]:parts[s + 1]``
+    (DeepSpeed's ``PipelineModule.parts``)."""
+
+    parts: tuple[int, ...]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.parts) - 1
+
+    @property
+    def num_layers(self) -> int:
+        return self.parts[-1]
+
+    def layers(self, stage: int) -> range:
+        """Global indices of the layers of ``stage``."""
+        if not 0 <= stage < self.num_stages:
+            raise LayoutError(f"stage={stage} is outside 0..{self.num_stages - 1}.")
+        return range(self.parts[stage], self.parts[stage + 1])
+
+    def stage_of(self, layer: int) -> int:
+        """The stage owning global layer index ``layer``."""
+        if not 0 <= layer < self.num_layers:
+            raise LayoutError(f"layer={layer} is outside 0..{self.num_layers - 1}.")
+        for s in range(self.num_stages):
+            if layer < self.parts[s + 1]:
+                return s
+        raise AssertionError("unreachable")
+
+
+def pipeline_stages(
+    num_layers: int,
+    pp: int,
+    method: Literal["uniform", "parameters", "explicit"] = "parameters",
+    *,
+    layer_params: Sequence[int] | None = None,
+    boundaries: Sequence[int] | None = None,
+) -> PipelineStages:
+    """The stage boundaries of a ``PipelineModule`` with ``num_layers`` layer specs at ``pp``.
+
+    ``method`` is DeepSpeed's ``partition_method``: ``"uniform"`` (equal layer counts) or
+    ``"parameters"`` (balanced by ``layer_params``, the trainable parameter count of each layer,
+    DeepSpeed's default); ``"explicit"`` takes ``boundaries`` (``pp + 1`` sorted offsets from 0 to
+    ``num_layers``) as given. DeepSpeed's ``"type:REGEX"`` is :func:`partition_balanced` over 0/1
+    weights marking the matching layers.
+    """
+    _check_degree("pp", pp)
+    if num_layers < 0:
+        raise LayoutError(f"num_layers={num_layers} must be >= 0.")
+    method_l = method.lower()
+    if method_l == "uniform":
+        parts = partition_uniform(num_layers, pp)
+    elif method_l == "parameters":
+        if layer_params is None or len(layer_params) != num_layers:
+            got = None if layer_params is None else len(layer_params)
+            raise LayoutError(
+                f"method='parameters' needs layer_params with one count per layer "
+                f"({num_layers}), got {got}."
+            )
+        parts = partition_balanced(layer_params, pp)
+    elif method_l == "explicit":
+        if boundaries is None:
+            raise LayoutError("method='explicit' needs boundaries=(0, ..., num_layers).")
+        parts = tuple(int(b) for b in boundaries)
+        if len(parts) != pp + 1 or parts[0] != 0 or parts[-1] != num_layers:
+            raise LayoutError(
+                f"boundaries={parts!r} must hold pp + 1 = {pp + 1} offsets from 0 to "
+                f"num_layers={num_layers}."
+            )
+        _check_bounds("boundaries", parts)
+    else:
+        raise LayoutError(
+            f"method={method!r} is not one of 'uniform', 'parameters', 'explicit'; for "
+            "DeepSpeed's 'type:REGEX' pass 0/1 weights to partition_balanced."
+        )
+    return PipelineStages(parts)

@@ -12,8 +12,12 @@ writes the same file with a few keys fewer and its padding kept.
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Literal
 
 from lightning_reshape.checkpoint.formats import model_states, pipeline
 from lightning_reshape.checkpoint.manifest import (
@@ -35,8 +39,15 @@ from lightning_reshape.checkpoint.plan import (
 )
 from lightning_reshape.checkpoint.reader import _prod, _scalar, _shape, _summary
 from lightning_reshape.checkpoint.torchfile import is_tensor
-from lightning_reshape.checkpoint.zero_layout import ZeroGroupLayout, zero_group_layout
-from lightning_reshape.errors import CheckpointError
+from lightning_reshape.checkpoint.zero_layout import (
+    Fragment,
+    ParamList,
+    SliceAddress,
+    _check_degree,
+    _check_params,
+    bounds_from_sizes,
+)
+from lightning_reshape.errors import CheckpointError, LayoutError
 
 if TYPE_CHECKING:
     from lightning_reshape.checkpoint.plan import PlanContext, RankPlan, _Selection
@@ -407,3 +418,264 @@ def optim_refs(b: _Builder, file: str, osd: Mapping[str, Any], prefix: KeyPath) 
                     summary=_summary(osd[inner]["param_groups"]),
                 )
             )
+
+
+# --------------------------------------------------------------------------------------------
+# layout: one flat buffer per param group, cut into dp equal partitions (ZeRO 1/2 and
+# the bf16 optimizer), computed as DeepSpeed 0.19.x computes it (no torch, no IO)
+# --------------------------------------------------------------------------------------------
+
+
+#: ZeRO 1/2 and the bf16 optimizer pad each group's flat buffer to a multiple of this factor
+#: times the dp world size, whatever the dtype ("4-byte alignment / sizeof(fp16)" in DeepSpeed).
+NCCL_START_ALIGNMENT_FACTOR = 2
+
+
+@dataclass(frozen=True)
+class FlatParam:
+    """One parameter's place in a group's flat buffer (the real place of its data)."""
+
+    name: str
+    numel: int
+    flat_offset: int
+    #: zeros DeepSpeed inserts after it (``parameter_alignment``); written as
+    #: ``param_alignment_paddings``.
+    alignment_padding: int
+
+
+def round_robin_order(num_params: int, dp: int) -> tuple[int, ...]:
+    """The order ``round_robin_gradients`` flattens a group in: original indices taken by
+    ``index % dp`` classes (0, dp, 2dp, ..., then 1, dp + 1, ...), so that consecutive gradients
+    belong to different ranks. Depends on dp, so it changes when dp changes."""
+    return tuple(i for j in range(dp) for i in range(j, num_params, dp))
+
+
+def undo_round_robin(names: Sequence[str], dp: int) -> tuple[str, ...]:
+    """The original (optimizer group) order of parameters saved in round-robin order at ``dp``,
+    e.g. a source checkpoint's ``param_shapes`` written with ``round_robin_gradients``."""
+    order = round_robin_order(len(names), dp)
+    original: list[str] = [""] * len(names)
+    for position, index in enumerate(order):
+        original[index] = names[position]
+    return tuple(original)
+
+
+@dataclass(frozen=True)
+class ZeroGroupLayout:
+    """One param group's flat layout under ZeRO 1/2 (``optimizer="zero"``) or the bf16 optimizer
+    (``optimizer="bf16"``) at a given dp: what DeepSpeed holds and what it writes per rank."""
+
+    optimizer: Literal["zero", "bf16"]
+    dp: int
+    #: parameters in flat-buffer order, which is the ``param_shapes`` order of model states
+    params: tuple[FlatParam, ...]
+    #: flat buffer size including per-parameter and tail padding (a multiple of 2 * dp)
+    flat_numel: int
+    #: every rank's partition has this many elements (padding included)
+    partition_size: int
+    #: ``group_paddings`` entry each rank writes for this group
+    group_paddings: tuple[int, ...]
+    #: per rank, ``param_slice_mappings`` as DeepSpeed writes it (names in optimizer order;
+    #: computed per rank when first read)
+    slice_mappings: Sequence[Mapping[str, SliceAddress]]
+
+    @property
+    def numel(self) -> int:
+        """Elements of real parameter data in the group."""
+        return sum(p.numel for p in self.params)
+
+    @property
+    def param_alignment_paddings(self) -> tuple[int, ...]:
+        """What ZeRO 1/2 writes as ``param_alignment_paddings`` for this group."""
+        return tuple(p.alignment_padding for p in self.params)
+
+    def saved_partition_numel(self, rank: int) -> int:
+        """Length of ``single_partition_of_fp32_groups`` (and of each flat optimizer state) that
+        ``rank`` writes: ZeRO 1/2 strip its tail padding, the bf16 optimizer does not."""
+        if self.optimizer == "bf16":
+            return self.partition_size
+        return self.partition_size - self.group_paddings[rank]
+
+    def param(self, name: str) -> FlatParam:
+        """The flat placement of one parameter."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise LayoutError(f"parameter {name!r} is not in this group; known: {self._names()}.")
+
+    def param_bounds(self, name: str) -> tuple[int, ...]:
+        """Bounds over the flattened parameter of the piece each rank holds (empty if none)."""
+        p = self.param(name)
+        return tuple(
+            min(max(r * self.partition_size - p.flat_offset, 0), p.numel)
+            for r in range(self.dp + 1)
+        )
+
+    def fragments(self, name: str) -> tuple[Fragment, ...]:
+        """Every rank's non-empty piece of one parameter, in rank order."""
+        p = self.param(name)
+        bounds = self.param_bounds(name)
+        out = []
+        for r in range(self.dp):
+            if bounds[r + 1] > bounds[r]:
+                start = p.flat_offset + bounds[r] - r * self.partition_size
+                out.append(Fragment(name, r, bounds[r], start, bounds[r + 1] - bounds[r]))
+        return tuple(out)
+
+    def rank_fragments(self, rank: int) -> tuple[Fragment, ...]:
+        """The pieces of parameters in ``rank``'s partition, in flat (partition offset) order."""
+        lo, hi = rank * self.partition_size, (rank + 1) * self.partition_size
+        out = []
+        for p in self.params:
+            start, end = max(lo, p.flat_offset), min(hi, p.flat_offset + p.numel)
+            if end > start:
+                out.append(Fragment(p.name, rank, start - p.flat_offset, start - lo, end - start))
+        return tuple(out)
+
+    def _names(self) -> str:
+        names = [p.name for p in self.params]
+        return ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+
+
+def zero_group_layout(
+    params: ParamList,
+    dp: int,
+    *,
+    optimizer: Literal["zero", "bf16"] = "zero",
+    round_robin_gradients: bool = False,
+    parameter_alignment: bool = False,
+    element_size: int = 2,
+) -> ZeroGroupLayout:
+    """The flat layout DeepSpeed builds for one param group at data-parallel size ``dp``.
+
+    ``params`` lists ``(name, numel)`` of the group's trainable parameters in optimizer order
+    (the order the model gave the optimizer; for a checkpoint saved with
+    ``round_robin_gradients``, undo that with :func:`undo_round_robin` first). ``dp`` is the
+    group's data-parallel size (the expert-data-parallel size for an MoE group).
+    ``round_robin_gradients`` and ``parameter_alignment`` are the ``zero_optimization`` flags
+    (ZeRO 1/2 only); ``element_size`` is the bytes per element of the model's parameters, which
+    decides the per-parameter alignment (``16 // gcd(16, element_size)`` elements).
+    """
+    _check_params(params)
+    _check_degree("dp", dp)
+    if optimizer not in ("zero", "bf16"):
+        raise LayoutError(f"optimizer={optimizer!r} must be 'zero' (ZeRO 1/2) or 'bf16'.")
+    if optimizer == "bf16" and (round_robin_gradients or parameter_alignment):
+        raise LayoutError(
+            "the bf16 optimizer has no round_robin_gradients or parameter_alignment; "
+            "pass them only with optimizer='zero'."
+        )
+    if parameter_alignment and element_size < 1:
+        raise LayoutError(f"element_size={element_size} must be the bytes per element (>= 1).")
+
+    order = round_robin_order(len(params), dp) if round_robin_gradients else range(len(params))
+    flat_params = [params[i] for i in order]
+    param_align = 16 // math.gcd(16, element_size) if parameter_alignment else 1
+
+    # Per-parameter alignment: zeros after every parameter but the last.
+    placed: list[FlatParam] = []
+    cursor = 0
+    for k, (name, numel) in enumerate(flat_params):
+        offset = cursor
+        cursor += numel
+        pad = 0 if k == len(flat_params) - 1 else (-cursor) % param_align
+        cursor += pad
+        placed.append(FlatParam(name, numel, offset, pad))
+    padded_numel = cursor
+
+    # Tail padding so that every rank's partition is equal and starts 4-byte aligned.
+    alignment = NCCL_START_ALIGNMENT_FACTOR * dp
+    flat_numel = -(-padded_numel // alignment) * alignment
+    partition_size = flat_numel // dp
+
+    if optimizer == "bf16":
+        # The bf16 optimizer books all tail padding on the last rank, even when it spills into
+        # earlier partitions.
+        group_paddings = tuple(0 if r < dp - 1 else flat_numel - padded_numel for r in range(dp))
+    else:
+        group_paddings = tuple(
+            min(partition_size, max(0, (r + 1) * partition_size - padded_numel)) for r in range(dp)
+        )
+
+    slice_mappings = _slice_mappings(params, placed, dp, partition_size)
+    return ZeroGroupLayout(
+        optimizer=optimizer,
+        dp=dp,
+        params=tuple(placed),
+        flat_numel=flat_numel,
+        partition_size=partition_size,
+        group_paddings=group_paddings,
+        slice_mappings=slice_mappings,
+    )
+
+
+class _SliceMappings(Sequence[Mapping[str, SliceAddress]]):
+    """``param_slice_mappings`` of every rank, each computed when first asked for: a rank
+    planning its own files must not pay for the other ranks' (O(dp x parameters))."""
+
+    def __init__(
+        self, params: ParamList, offsets: Sequence[int], dp: int, partition_size: int
+    ) -> None:
+        self._params = tuple(params)
+        self._param_offsets = tuple(offsets)
+        self._dp = dp
+        self._size = partition_size
+        # the parameters' extents in flat order: each rank's are a run of them
+        self._by_offset = sorted(range(len(offsets)), key=lambda i: offsets[i])
+        self._offsets = [offsets[i] for i in self._by_offset]
+        self._ends = [offsets[i] + params[i][1] for i in self._by_offset]
+        self._cache: dict[int, Mapping[str, SliceAddress]] = {}
+
+    def __len__(self) -> int:
+        return self._dp
+
+    def __getitem__(self, rank: int) -> Mapping[str, SliceAddress]:  # type: ignore[override]
+        if not isinstance(rank, int):
+            return tuple(self)[rank]
+        if rank < 0:
+            rank += self._dp
+        if not 0 <= rank < self._dp:
+            raise IndexError(rank)
+        if rank not in self._cache:
+            self._cache[rank] = self._rank(rank)
+        return self._cache[rank]
+
+    def _rank(self, rank: int) -> Mapping[str, SliceAddress]:
+        lo, hi = rank * self._size, (rank + 1) * self._size
+        found = []
+        k = bisect.bisect_right(self._ends, lo)  # the first extent ending after lo
+        while k < len(self._offsets) and self._offsets[k] < hi:
+            found.append(self._by_offset[k])
+            k += 1
+        mapping: dict[str, SliceAddress] = {}
+        for i in sorted(found):  # names in optimizer order
+            (name, numel), offset = self._params[i], self._param_offsets[i]
+            start, end = max(lo, offset), min(hi, offset + numel)
+            if end > start:
+                mapping[name] = SliceAddress(numel=end - start, start=start - lo)
+        return MappingProxyType(mapping)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _slice_mappings(
+    params: ParamList, placed: Sequence[FlatParam], dp: int, partition_size: int
+) -> Sequence[Mapping[str, SliceAddress]]:
+    """``param_slice_mappings`` the way DeepSpeed derives them (``link_hp_params``).
+
+    Names come in optimizer order. With per-parameter padding DeepSpeed passes the real flat
+    offsets; without it, it recomputes offsets by summing numels in optimizer order, which
+    ignores a round-robin reordering: with ``round_robin_gradients`` and no
+    ``parameter_alignment`` the written mappings do not say where the data is whenever the
+    reordering moves parameters of different sizes (seen in files DeepSpeed 0.19.8 wrote; the
+    data itself follows :meth:`ZeroGroupLayout.rank_fragments`).
+    """
+    if any(p.alignment_padding for p in placed):
+        by_name = {p.name: p.flat_offset for p in placed}
+        offsets = [by_name[name] for name, _ in params]
+    else:
+        offsets = list(bounds_from_sizes([numel for _, numel in params])[:-1])
+    return _SliceMappings(params, offsets, dp, partition_size)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from lightning_reshape.checkpoint.formats import model_states
@@ -36,13 +37,18 @@ from lightning_reshape.checkpoint.manifest import (
 from lightning_reshape.checkpoint.plan import Copy, SetValue, TargetFile, TensorFill
 from lightning_reshape.checkpoint.reader import _dtype_name, _prod, _shape
 from lightning_reshape.checkpoint.torchfile import is_tensor
-from lightning_reshape.checkpoint.zero_layout import DEFAULT_SUB_GROUP_SIZE, zero3_layout
-from lightning_reshape.errors import CheckpointError
+from lightning_reshape.checkpoint.zero_layout import (
+    Fragment,
+    ParamList,
+    _check_degree,
+    _check_params,
+)
+from lightning_reshape.errors import CheckpointError, LayoutError
+from lightning_reshape.topology.reshape_map import padded_boundaries
 
 if TYPE_CHECKING:
     from lightning_reshape.checkpoint.plan import PlanContext, RankPlan, _Selection
     from lightning_reshape.checkpoint.reader import _Builder, _Files
-    from lightning_reshape.checkpoint.zero_layout import Zero3Layout
 
 INNER: KeyPath = ("optimizer_state_dict", "optimizer_state_dict")
 
@@ -282,3 +288,128 @@ def model_dtype(b: _Builder, f: _Files, mp: int) -> str:
         if name not in buffers and is_tensor(t) and t.is_floating_point():
             return _dtype_name(t.dtype)
     return "unknown"
+
+
+# --------------------------------------------------------------------------------------------
+# layout: every parameter split on its own, partitions concatenated per sub-group
+# --------------------------------------------------------------------------------------------
+
+
+#: DeepSpeed's config default for ``zero_optimization.sub_group_size`` (ZeRO 3).
+DEFAULT_SUB_GROUP_SIZE = 1_000_000_000
+
+
+@dataclass(frozen=True)
+class Zero3Param:
+    """One parameter under ZeRO 3: padded to a multiple of dp and cut into dp equal pieces; each
+    rank's piece sits at ``offset`` in fp32 flat group ``sub_group`` (same offset on every rank)."""
+
+    name: str
+    numel: int
+    padded_numel: int
+    partition_numel: int
+    group: int
+    sub_group: int
+    offset: int
+
+    def param_bounds(self) -> tuple[int, ...]:
+        """Bounds over the flattened (unpadded) parameter of the piece each rank holds: pieces of
+        ``partition_numel``, the last one(s) short or empty where the padding is."""
+        return tuple(padded_boundaries(self.numel, self.padded_numel // self.partition_numel))
+
+    def rank_bounds(self, rank: int) -> tuple[int, int]:
+        """``param_bounds()[rank : rank + 2]``, without computing the other ranks'."""
+        step = -(-self.numel // (self.padded_numel // self.partition_numel))
+        return min(rank * step, self.numel), min((rank + 1) * step, self.numel)
+
+
+@dataclass(frozen=True)
+class Zero3Layout:
+    """All trainable parameters' ZeRO 3 placement at a given dp and ``sub_group_size``."""
+
+    dp: int
+    sub_group_size: int | None
+    #: parameters in ``param_shapes`` order (sub-group by sub-group)
+    params: tuple[Zero3Param, ...]
+    #: per fp32 flat group (= sub-group, across all param groups): its length on every rank
+    sub_group_numels: tuple[int, ...]
+    #: per sub-group, the param group it came from
+    sub_group_to_group: tuple[int, ...]
+
+    def param(self, name: str) -> Zero3Param:
+        """The placement of one parameter."""
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise LayoutError(f"parameter {name!r} is not in this ZeRO 3 layout.")
+
+    def param_bounds(self, name: str) -> tuple[int, ...]:
+        """Bounds over the flattened parameter of the piece each rank holds (as for ZeRO 1/2)."""
+        return self.param(name).param_bounds()
+
+    def sub_group_params(self, sub_group: int) -> tuple[Zero3Param, ...]:
+        """The parameters of one fp32 flat group, in order (one ``param_shapes`` dict)."""
+        return tuple(p for p in self.params if p.sub_group == sub_group)
+
+    def fragments(self, name: str) -> tuple[Fragment, ...]:
+        """Every rank's non-empty piece of one parameter; ``partition_start`` is the offset in
+        that rank's fp32 flat group ``sub_group``. Ranks holding only padding are left out."""
+        p = self.param(name)
+        bounds = p.param_bounds()
+        return tuple(
+            Fragment(name, r, bounds[r], p.offset, bounds[r + 1] - bounds[r])
+            for r in range(self.dp)
+            if bounds[r + 1] > bounds[r]
+        )
+
+
+def zero3_layout(
+    groups: Sequence[ParamList],
+    dp: int,
+    *,
+    sub_group_size: int | None = DEFAULT_SUB_GROUP_SIZE,
+) -> Zero3Layout:
+    """The ZeRO 3 layout DeepSpeed builds for the given param groups at ``dp``.
+
+    ``groups`` lists, per optimizer param group, ``(name, numel)`` of its trainable parameters
+    in optimizer order. A group is split into sub-groups (one fp32 flat tensor each, written as
+    ``fp32_flat_groups``) by summing partition sizes and closing a sub-group as soon as the sum
+    reaches ``sub_group_size``; a group whose total is at most ``sub_group_size`` (or with
+    ``sub_group_size=None``) stays whole. Parameter groups that DeepSpeed splits further by
+    process group (MoE experts, hpZ) are not modelled: pass each such split as its own group.
+    """
+    _check_degree("dp", dp)
+    if sub_group_size is not None and sub_group_size < 0:
+        raise LayoutError(f"sub_group_size={sub_group_size} must be >= 0 (DeepSpeed default 1e9).")
+    params_out: list[Zero3Param] = []
+    sub_numels: list[int] = []
+    sub_to_group: list[int] = []
+    for g, group in enumerate(groups):
+        _check_params(group)
+        parts = [-(-numel // dp) for _, numel in group]
+        total = sum(parts)
+        single = sub_group_size is None or sub_group_size >= total
+        offset = 0
+        for k, ((name, numel), part) in enumerate(zip(group, parts, strict=True)):
+            if offset == 0:
+                sub_to_group.append(g)
+                sub_numels.append(0)
+            params_out.append(
+                Zero3Param(name, numel, part * dp, part, g, len(sub_numels) - 1, offset)
+            )
+            offset += part
+            sub_numels[-1] = offset
+            last = k == len(group) - 1
+            if last or (not single and offset >= sub_group_size):  # type: ignore[operator]
+                offset = 0
+    names = [p.name for p in params_out]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise LayoutError(f"parameter {dup!r} appears in more than one group.")
+    return Zero3Layout(
+        dp=dp,
+        sub_group_size=sub_group_size,
+        params=tuple(params_out),
+        sub_group_numels=tuple(sub_numels),
+        sub_group_to_group=tuple(sub_to_group),
+    )
