@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.manifest import (
@@ -150,18 +150,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if os.path.isfile(path):
-        parent = os.path.dirname(path)
-        hint = parent
-        if os.path.basename(parent) == "checkpoint" and os.path.isfile(
-            os.path.join(os.path.dirname(parent), "latest")
-        ):
-            hint = os.path.dirname(parent)
-        if _is_tag_dir(parent):
-            raise CheckpointError(
-                f"{path}: is a single file; a DeepSpeed checkpoint is a directory. "
-                f"Pass the checkpoint directory instead: {hint}"
-            )
-        raise CheckpointError(f"{path}: {_describe_single_file(path)}")
+        _refuse_single_file(path)
     latest = os.path.join(path, "latest")
     if tag is None and os.path.isfile(latest):
         try:
@@ -172,21 +161,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
         if not tag:
             raise CheckpointError(f"{latest}: is empty; pass the tag folder directly")
     if tag is not None:
-        tag_dir = os.path.join(path, tag)
-        if not os.path.isdir(tag_dir):
-            avail = sorted(d for d in os.listdir(path) if _is_tag_dir(os.path.join(path, d)))
-            raise CheckpointError(
-                f"{tag_dir}: tag folder {tag!r} "
-                f"(from {latest if os.path.isfile(latest) else 'tag='}) "
-                f"does not exist; tags present: {avail or 'none'}"
-            )
-        if not _is_tag_dir(tag_dir):
-            raise CheckpointError(
-                f"{tag_dir}: holds no DeepSpeed model-state files (*_model_states.pt); "
-                "the save is incomplete or this is not a DeepSpeed checkpoint"
-            )
-        layout = "lightning-deepspeed" if tag == "checkpoint" else "deepspeed"
-        return CheckpointLocation(layout=layout, tag_dir=tag_dir, tag=tag, save_dir=path)
+        return _tag_location(path, tag, latest)
     if _is_tag_dir(path):
         parent = os.path.dirname(path)
         name = os.path.basename(path)
@@ -194,6 +169,46 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
         if name == "checkpoint" and os.path.isfile(os.path.join(parent, "latest")):
             layout = "lightning-deepspeed"
         return CheckpointLocation(layout=layout, tag_dir=path, tag=name, save_dir=None)
+    return _only_tag_inside(path)
+
+
+def _refuse_single_file(path: str) -> NoReturn:
+    """A file is never a DeepSpeed checkpoint: say which directory to pass, or what it is."""
+    parent = os.path.dirname(path)
+    hint = parent
+    if os.path.basename(parent) == "checkpoint" and os.path.isfile(
+        os.path.join(os.path.dirname(parent), "latest")
+    ):
+        hint = os.path.dirname(parent)
+    if _is_tag_dir(parent):
+        raise CheckpointError(
+            f"{path}: is a single file; a DeepSpeed checkpoint is a directory. "
+            f"Pass the checkpoint directory instead: {hint}"
+        )
+    raise CheckpointError(f"{path}: {_describe_single_file(path)}")
+
+
+def _tag_location(path: str, tag: str, latest: str) -> CheckpointLocation:
+    """The tag folder ``tag`` of the save directory ``path`` (named by ``latest`` or ``tag=``)."""
+    tag_dir = os.path.join(path, tag)
+    if not os.path.isdir(tag_dir):
+        avail = sorted(d for d in os.listdir(path) if _is_tag_dir(os.path.join(path, d)))
+        raise CheckpointError(
+            f"{tag_dir}: tag folder {tag!r} "
+            f"(from {latest if os.path.isfile(latest) else 'tag='}) "
+            f"does not exist; tags present: {avail or 'none'}"
+        )
+    if not _is_tag_dir(tag_dir):
+        raise CheckpointError(
+            f"{tag_dir}: holds no DeepSpeed model-state files (*_model_states.pt); "
+            "the save is incomplete or this is not a DeepSpeed checkpoint"
+        )
+    layout = "lightning-deepspeed" if tag == "checkpoint" else "deepspeed"
+    return CheckpointLocation(layout=layout, tag_dir=tag_dir, tag=tag, save_dir=path)
+
+
+def _only_tag_inside(path: str) -> CheckpointLocation:
+    """A folder without ``latest``: its one tag folder, else an error naming what to pass."""
     try:
         entries = sorted(os.listdir(path))
     except OSError as exc:
