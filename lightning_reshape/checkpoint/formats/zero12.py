@@ -569,19 +569,9 @@ def zero_group_layout(
         raise LayoutError(f"element_size={element_size} must be the bytes per element (>= 1).")
 
     order = round_robin_order(len(params), dp) if round_robin_gradients else range(len(params))
-    flat_params = [params[i] for i in order]
     param_align = 16 // math.gcd(16, element_size) if parameter_alignment else 1
-
-    # Per-parameter alignment: zeros after every parameter but the last.
-    placed: list[FlatParam] = []
-    cursor = 0
-    for k, (name, numel) in enumerate(flat_params):
-        offset = cursor
-        cursor += numel
-        pad = 0 if k == len(flat_params) - 1 else (-cursor) % param_align
-        cursor += pad
-        placed.append(FlatParam(name, numel, offset, pad))
-    padded_numel = cursor
+    placed = _place([params[i] for i in order], param_align)
+    padded_numel = placed[-1].flat_offset + placed[-1].numel + placed[-1].alignment_padding
 
     # Tail padding so that every rank's partition is equal and starts 4-byte aligned.
     alignment = NCCL_START_ALIGNMENT_FACTOR * dp
@@ -607,6 +597,20 @@ def zero_group_layout(
         group_paddings=group_paddings,
         slice_mappings=slice_mappings,
     )
+
+
+def _place(flat_params: ParamList, param_align: int) -> list[FlatParam]:
+    """Parameters in flat order, with the per-parameter alignment: zeros after every
+    parameter but the last."""
+    placed: list[FlatParam] = []
+    cursor = 0
+    for k, (name, numel) in enumerate(flat_params):
+        offset = cursor
+        cursor += numel
+        pad = 0 if k == len(flat_params) - 1 else (-cursor) % param_align
+        cursor += pad
+        placed.append(FlatParam(name, numel, offset, pad))
+    return placed
 
 
 class _SliceMappings(Sequence[Mapping[str, SliceAddress]]):
