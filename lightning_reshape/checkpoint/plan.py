@@ -543,11 +543,13 @@ class PlanContext:
 
     @property
     def frozen(self) -> list[TensorEntry]:
-        trainable = _trainable(self.groups)
-        return self._memo(
-            "frozen",
-            lambda: [e for e in self.manifest.entries(ROLE_PARAM) if e.name not in trainable],
-        )
+        """Module weights outside the optimizer's groups."""
+
+        def make() -> list[TensorEntry]:
+            trainable = _trainable(self.groups)
+            return [e for e in self.manifest.entries(ROLE_PARAM) if e.name not in trainable]
+
+        return self._memo("frozen", make)
 
     @property
     def buffers(self) -> dict[str, TensorEntry]:
@@ -745,7 +747,8 @@ def build_plan(
     """The plan writing ``manifest``'s checkpoint at ``target``. Pure: no IO.
 
     ``meta``: the source metadata, None for the manifest's own. ``files``: plan only these
-    target file names (e.g. :func:`rank_files` of one rank); the others are not computed.
+    target file names (e.g. :func:`rank_files` of one rank); the others are not computed, and
+    a name the target does not have is not in the plan.
     Raises LayoutError/CheckpointError (nothing written) for a target that cannot be reached.
     """
     from lightning_reshape.checkpoint.formats import zero0, zero3, zero12
