@@ -13,6 +13,7 @@ global tensor is the tp shards joined by the tensor's ``tp_split`` (or any shard
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,7 @@ __all__ = [
     "ScalarState",
     "StateRef",
     "SourceTopology",
+    "SourceMeta",
     "Manifest",
 ]
 
@@ -122,6 +124,31 @@ class SourceTopology:
 
 
 @dataclass(frozen=True)
+class SourceMeta:
+    """Non-tensor metadata of the source a plan needs (key orders, group lists, config), read
+    once with the manifest so that planning does no IO."""
+
+    #: per source mp rank: the main model-states file and its top-level keys in order
+    model_files: Mapping[int, str]
+    model_keys: Mapping[int, tuple[str, ...]]
+    #: per source mp rank: module state-dict keys in order (params, buffers, aliases)
+    module_keys: Mapping[int, tuple[str, ...]]
+    param_shapes: Mapping[int, tuple[tuple[str, ...], ...]]  # names per flat group, flat order
+    shared_params: Mapping[int, Mapping[str, str]]
+    ds_config: Mapping[str, Any]
+    #: per source mp rank: dp-0 optimizer file and key path of its inner torch state dict
+    optim_files: Mapping[int, str]
+    optim_inner: KeyPath
+    optim_top_keys: tuple[str, ...]
+    tp_splits: Mapping[str, TPSplit | None] = field(default_factory=dict)
+    #: per source mp rank: (file, key path) of the torch optimizer's ``param_groups`` list, and
+    #: how many tensors each group lists (ZeRO 1/2: 1 flat; ZeRO 3: its sub-groups; ZeRO 0: its
+    #: parameters)
+    param_groups_ref: Mapping[int, tuple[str, KeyPath]] = field(default_factory=dict)
+    param_group_sizes: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything in one checkpoint tag, as a pure value."""
 
@@ -141,6 +168,8 @@ class Manifest:
     ds_version: str | None = None
     trusted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: what the plan needs beyond the tensors (None for a manifest built by hand)
+    source_meta: SourceMeta | None = None
 
     def entries(self, role: str | None = None) -> tuple[TensorEntry, ...]:
         """Tensor entries, optionally only one role."""

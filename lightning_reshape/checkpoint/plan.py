@@ -7,6 +7,12 @@ runs of source elements fill them, plus which non-tensor state is carried over v
 metadata is written fresh. It can be printed (``--dry-run``), tested without IO and split between
 ranks (each executes a share of the files), like PyTorch DCP's planner.
 
+This module holds the format-free part (the value types, the tensor-parallel geometry, what all
+files of one plan share) and dispatches each target file to its format's write side in
+:mod:`lightning_reshape.checkpoint.formats`. Planning reads nothing: the manifest carries the
+source metadata, and ``build_plan(..., files=...)`` computes only the named files (one rank's
+share, :func:`rank_files`), so that work does not grow with the world size.
+
 Target layouts are DeepSpeed's own, computed by :mod:`zero_layout` for the target degrees: ZeRO 1/2
 flat partitions (alignment, padding, ``param_slice_mappings``, ``group_paddings``), ZeRO 3
 per-parameter partitions and sub-groups, model-states files per model-parallel rank with
@@ -23,13 +29,11 @@ from __future__ import annotations
 
 import bisect
 import math
-import os
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning_reshape.checkpoint import zero0
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
@@ -38,18 +42,14 @@ from lightning_reshape.checkpoint.manifest import (
     KeyPath,
     Manifest,
     Piece,
+    SourceMeta,
     TensorEntry,
 )
-from lightning_reshape.checkpoint.reader import TIED_PREFIX, TPRule
-from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, read_sidecar
-from lightning_reshape.checkpoint.zero_layout import (
-    DEFAULT_SUB_GROUP_SIZE,
-    pipeline_stages,
-    undo_round_robin,
-    zero3_layout,
-    zero_group_layout,
-)
+from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit
 from lightning_reshape.errors import CheckpointError, LayoutError
+
+if TYPE_CHECKING:
+    from lightning_reshape.checkpoint.reader import TPRule
 
 __all__ = [
     "Target",
@@ -62,6 +62,7 @@ __all__ = [
     "SourceMeta",
     "read_source_meta",
     "build_plan",
+    "rank_files",
     "format_plan",
 ]
 
@@ -208,106 +209,14 @@ class Plan:
         return tuple(f.name for f in self.files if owner[f.name] == index)
 
 
-@dataclass(frozen=True)
-class SourceMeta:
-    """Metadata of the source the plan needs beyond the manifest (read once, no tensors)."""
-
-    #: per source mp rank: the main model-states file and its top-level keys in order
-    model_files: Mapping[int, str]
-    model_keys: Mapping[int, tuple[str, ...]]
-    #: per source mp rank: module state-dict keys in order (params, buffers, aliases)
-    module_keys: Mapping[int, tuple[str, ...]]
-    param_shapes: Mapping[int, tuple[tuple[str, ...], ...]]  # names per flat group, flat order
-    shared_params: Mapping[int, Mapping[str, str]]
-    ds_config: Mapping[str, Any]
-    #: per source mp rank: dp-0 optimizer file and key path of its inner torch state dict
-    optim_files: Mapping[int, str]
-    optim_inner: KeyPath
-    optim_top_keys: tuple[str, ...]
-    tp_splits: Mapping[str, TPSplit | None] = field(default_factory=dict)
-    #: per source mp rank: (file, key path) of the torch optimizer's ``param_groups`` list, and
-    #: how many tensors each group lists (ZeRO 1/2: 1 flat; ZeRO 3: its sub-groups; ZeRO 0: its
-    #: parameters)
-    param_groups_ref: Mapping[int, tuple[str, KeyPath]] = field(default_factory=dict)
-    param_group_sizes: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
-
-
 def read_source_meta(manifest: Manifest) -> SourceMeta:
-    """Read the few non-tensor facts a plan needs (key orders, group lists, config)."""
-    from lightning_reshape.checkpoint.torchfile import load
-
-    topo = manifest.topology
-    root = manifest.root
-    names = set(os.listdir(root))
-    model_files: dict[int, str] = {}
-    model_keys: dict[int, tuple[str, ...]] = {}
-    module_keys: dict[int, tuple[str, ...]] = {}
-    param_shapes: dict[int, tuple[tuple[str, ...], ...]] = {}
-    shared: dict[int, Mapping[str, str]] = {}
-    optim_files: dict[int, str] = {}
-    ds_config: Mapping[str, Any] = {}
-    optim_inner: KeyPath = ()
-    optim_top: tuple[str, ...] = ()
-    pg_ref: dict[int, tuple[str, KeyPath]] = {}
-    pg_sizes: dict[int, tuple[int, ...]] = {}
-    for mp in range(topo.mp):
-        plain = f"mp_rank_{mp:02d}_model_states.pt"
-        z3 = f"zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt"
-        file = plain if plain in names else z3
-        sd = load(os.path.join(root, file), trust_checkpoint=manifest.trusted)
-        model_files[mp] = file
-        model_keys[mp] = tuple(sd)
-        module = sd.get("module")
-        module_keys[mp] = tuple(module) if isinstance(module, Mapping) else ()
-        param_shapes[mp] = tuple(tuple(g) for g in sd.get("param_shapes") or [])
-        shared[mp] = dict(sd.get("shared_params") or {})
-        ds_config = sd.get("ds_config") or ds_config
-        for prefix in ("", "bf16_"):
-            oname = f"{prefix}zero_pp_rank_0_mp_rank_{mp:02d}_optim_states.pt"
-            if oname in names:
-                optim_files[mp] = oname
-                osd = load(os.path.join(root, oname), trust_checkpoint=manifest.trusted)
-                inner = osd["optimizer_state_dict"]
-                key: KeyPath = (
-                    ("optimizer_state_dict", "base_optimizer_state")
-                    if "base_optimizer_state" in inner
-                    else ("optimizer_state_dict", "optimizer_state_dict")
-                )
-                if mp == 0:
-                    optim_top = tuple(inner)
-                    optim_inner = key
-                pg_ref[mp] = (oname, (*key, "param_groups"))
-                pg_sizes[mp] = tuple(len(g["params"]) for g in _get_path(osd, pg_ref[mp][1]))
-        opt = sd.get("optimizer")
-        if mp not in pg_ref and isinstance(opt, Mapping):  # ZeRO 0: in the model file
-            key = (
-                ("optimizer", "optimizer_state_dict")
-                if "optimizer_state_dict" in opt
-                else ("optimizer",)
-            )
-            pg_ref[mp] = (file, (*key, "param_groups"))
-            pg_sizes[mp] = tuple(len(g["params"]) for g in _get_path(sd, pg_ref[mp][1]))
-    sidecar = read_sidecar(root)
-    return SourceMeta(
-        model_files=model_files,
-        model_keys=model_keys,
-        module_keys=module_keys,
-        param_shapes=param_shapes,
-        shared_params=shared,
-        ds_config=dict(ds_config),
-        optim_files=optim_files,
-        optim_inner=optim_inner,
-        optim_top_keys=optim_top,
-        tp_splits=dict(sidecar.tp_splits) if sidecar is not None else {},
-        param_groups_ref=pg_ref,
-        param_group_sizes=pg_sizes,
-    )
-
-
-def _get_path(obj: Any, key: KeyPath) -> Any:
-    for k in key:
-        obj = obj[k]
-    return obj
+    """The non-tensor facts a plan needs (key orders, group lists, config): read with the
+    manifest (:func:`~lightning_reshape.checkpoint.reader.read_manifest`), so this does no IO."""
+    if manifest.source_meta is None:
+        raise CheckpointError(
+            f"{manifest.root}: the manifest carries no source metadata; read it with read_manifest"
+        )
+    return manifest.source_meta
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,25 +425,16 @@ def _splits(
             "save with the lightning-reshape strategy (it writes lightning_reshape.json) or pass "
             "tp_rules (CLI: --tp-rule PATTERN=DIM[:STRIDE] or PATTERN=replicated)"
         )
+    shapes: dict[str, tuple[int, ...]] = {}
+    for e in manifest.tensors:  # the first entry of each name, as the splits above
+        shapes.setdefault(e.name, e.shape)
     for name, split in out.items():
         if split is not None and target.tp != src_tp:
-            shape = next(e.shape for e in manifest.tensors if e.name == name)
-            _check_split(name, shape, split, (src_tp, target.tp))
+            _check_split(name, shapes[name], split, (src_tp, target.tp))
     return out, recorded | (set(out) if target.tp != src_tp else set())
 
 
-def build_plan(
-    manifest: Manifest,
-    meta: SourceMeta,
-    target: Target,
-    *,
-    tp_rules: Sequence[TPRule] = (),
-) -> Plan:
-    """The plan writing ``manifest``'s checkpoint at ``target``. Pure: no IO.
-
-    Raises LayoutError/CheckpointError (nothing written) for a target that cannot be reached.
-    """
-    src = manifest.topology
+def _check_target(target: Target) -> None:
     for name in ("tp", "pp", "dp"):
         value = getattr(target, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -543,8 +443,10 @@ def build_plan(
         raise LayoutError(
             f"target zero_stage={target.zero_stage} is not supported; convert to ZeRO 0, 1, 2 or 3"
         )
-    pipeline = "pipeline" in manifest.layout
-    _check_source(manifest, pipeline)
+
+
+def _check_pipeline(manifest: Manifest, target: Target, pipeline: bool) -> None:
+    src = manifest.topology
     if not pipeline and (src.pp != 1 or target.pp != 1):
         raise CheckpointError(
             f"{manifest.root}: source pp={src.pp}, target pp={target.pp}: a pipeline change needs "
@@ -556,406 +458,356 @@ def build_plan(
             f"target zero_stage={target.zero_stage}: DeepSpeed's pipeline engine supports ZeRO "
             "stage 1 only here; convert with zero_stage=1"
         )
-    splits, recorded = _splits(manifest, meta, target, tp_rules)
-    res = _Resolver(manifest, splits, target.tp)
-    by_key = {e.key: e for e in manifest.tensors}
-    aliases = dict(manifest.aliases)
-    zcfg = dict(meta.ds_config.get("zero_optimization") or {})
-    rr = bool(zcfg.get("round_robin_gradients")) and src.zero_stage in (1, 2)
-    rr_t = bool(zcfg.get("round_robin_gradients"))
-    align = bool(zcfg.get("parameter_alignment"))
-    sub_group_size = zcfg.get("sub_group_size", DEFAULT_SUB_GROUP_SIZE)
-    model_dtype = manifest.model_dtype
-    if model_dtype not in _ELEMENT_SIZE:
-        raise CheckpointError(f"{manifest.root}: unknown model dtype {model_dtype!r}")
-    bf16 = model_dtype == "bfloat16"
-    tgt_config = {**dict(meta.ds_config), "zero_optimization": {**zcfg, "stage": target.zero_stage}}
-    zero0_wrapper = zero0.target_wrapper(manifest, tgt_config) if target.zero_stage == 0 else ""
-    # DeepSpeed's BF16_Optimizer instead of its ZeRO optimizer at the target?
-    bf16_optimizer = uses_bf16_optimizer(tgt_config, target.zero_stage, pipeline)
 
-    # groups in optimizer order (tp rank 0 of each source stage defines names; shapes come from
-    # entries); a pipeline's stages each hold a slice of every group, in layer order
+
+@dataclass(frozen=True)
+class RankPlan:
+    """One target model-parallel rank (``out_mp`` = stage x tp + tp rank): what its files share."""
+
+    out_mp: int
+    stage: int
+    mp: int  # the target tp rank
+    src_mp: int  # the source mp rank whose non-tensor state it carries
+    groups: tuple[tuple[str, ...], ...]  # its trainable names per param group, flat order
+    layers: tuple[int, int] | None  # pipeline: its layers [lo, hi)
+    pg_ref: tuple[str, KeyPath]  # (file, key path) of the source's torch param_groups
+
+
+@dataclass
+class PlanContext:
+    """What every target file of one plan shares, computed once per plan (not per file)."""
+
+    manifest: Manifest
+    meta: SourceMeta
+    target: Target
+    splits: dict[str, TPSplit | None]
+    recorded: set[str]
+    res: _Resolver
+    tgt_config: dict[str, Any]
+    pipeline: bool
+    bf16_optimizer: bool  # DeepSpeed's BF16_Optimizer at the target
+    zero0_wrapper: str
+    groups: list[tuple[str, ...]] = field(default_factory=list)
+    stages: tuple[int, ...] | None = None
+    cache: dict[Any, Any] = field(default_factory=dict)  # per-stage layouts and the like
+
+    @property
+    def zcfg(self) -> dict[str, Any]:
+        return dict(self.meta.ds_config.get("zero_optimization") or {})
+
+    @property
+    def ties(self) -> Mapping[str, Any]:
+        return (self.manifest.extra.get("pipeline_layers") or {}).get("ties") or {}
+
+    @property
+    def prefix(self) -> str:
+        """DeepSpeed's optimizer file prefix: ``bf16_`` when bf16 is enabled."""
+        return "bf16_" if self.manifest.model_dtype == "bfloat16" else ""
+
+    def _memo(self, key: str, make: Any) -> Any:
+        if key not in self.cache:
+            self.cache[key] = make()
+        return self.cache[key]
+
+    @property
+    def by_key(self) -> dict[tuple[str, str, str | None], TensorEntry]:
+        return self._memo("by_key", lambda: {e.key: e for e in self.manifest.tensors})
+
+    @property
+    def optim_keys(self) -> dict[str, list[str]]:
+        """Optimizer state keys of each parameter, in manifest order."""
+
+        def make() -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for e in self.manifest.entries(ROLE_OPTIM):
+                assert e.state_key is not None
+                out.setdefault(e.name, [])
+                if e.state_key not in out[e.name]:
+                    out[e.name].append(e.state_key)
+            return out
+
+        return self._memo("optim_keys", make)
+
+    @property
+    def src_group_of(self) -> dict[str, int]:
+        """Source flat group of each trainable parameter."""
+
+        def make() -> dict[str, int]:
+            return {
+                e.name: e.pieces[0].flat_group
+                for e in self.manifest.entries(ROLE_FP32)
+                if e.pieces and e.pieces[0].flat_group is not None
+            }
+
+        return self._memo("src_group_of", make)
+
+    @property
+    def frozen(self) -> list[TensorEntry]:
+        """Module weights outside the optimizer's groups."""
+
+        def make() -> list[TensorEntry]:
+            trainable = _trainable(self.groups)
+            return [e for e in self.manifest.entries(ROLE_PARAM) if e.name not in trainable]
+
+        return self._memo("frozen", make)
+
+    @property
+    def buffers(self) -> dict[str, TensorEntry]:
+        return self._memo(
+            "buffers", lambda: {e.name: e for e in self.manifest.entries(ROLE_BUFFER)}
+        )
+
+    def entry(self, name: str, role: str, state_key: str | None = None) -> TensorEntry:
+        """The source entry; a ZeRO 0 fp32 run's weights are its own masters."""
+        try:
+            return self.by_key[(name, role, state_key)]
+        except KeyError:
+            src = self.manifest.topology
+            if role == ROLE_FP32 and src.zero_stage == 0 and self.manifest.model_dtype == "float32":
+                return self.entry(name, ROLE_PARAM)
+            raise CheckpointError(
+                f"{self.manifest.root}: {name} has no {role} {state_key or ''} tensor in the "
+                "source; the checkpoint is incomplete"
+            ) from None
+
+    def local_shape(self, e: TensorEntry) -> tuple[int, ...]:
+        return _local_shape(e.shape, self.splits.get(e.name), self.target.tp)
+
+    def local_numel(self, name: str) -> int:
+        e = self.by_key.get((name, ROLE_FP32, None)) or self.by_key[(name, ROLE_PARAM, None)]
+        return math.prod(self.local_shape(e))
+
+    def whole(self, e: TensorEntry, key: KeyPath, mp: int) -> TensorFill:
+        """``e``'s whole (tp-local) tensor of target tp rank ``mp`` at ``key``."""
+        shape = self.local_shape(e)
+        return TensorFill(
+            key, e.dtype, shape, tuple(self.res.copies(e, mp, 0, math.prod(shape), 0))
+        )
+
+    def scalar_carries(
+        self, group: int, dst_prefix: KeyPath, src_mp: int, tgt_group: int, first: str = ""
+    ) -> list[Carry]:
+        """A target group's scalar optimizer states (``step``): those of its source group (ZeRO
+        1/2/3, from the dp-0 file) or of its first parameter (ZeRO 0)."""
+        m = self.manifest
+        if m.topology.zero_stage == 0:
+            return [
+                Carry(s.file, s.key, (*dst_prefix, "state", tgt_group, s.state_key))
+                for s in m.scalars
+                if s.owner == first and s.file == self.meta.model_files[src_mp]
+            ]
+        return [
+            Carry(s.file, s.key, (*dst_prefix, "state", tgt_group, s.state_key))
+            for s in m.scalars
+            if s.owner == f"mp{src_mp}.group{group}" and "zero_pp_rank_0_" in s.file
+        ]
+
+    def param_groups(
+        self, rank: RankPlan, dst: KeyPath, params: Sequence[Sequence[int]]
+    ) -> list[Carry | SetValue]:
+        """The source's param groups (hyperparameters as saved) listing ``params``."""
+        pg_file, pg_key = rank.pg_ref
+        out: list[Carry | SetValue] = [SetValue(dst, len(params), "list")]
+        for g, idx in enumerate(params):
+            out.append(Carry(pg_file, (*pg_key, g), (*dst, g)))
+            out.append(SetValue((*dst, g, "params"), list(idx)))
+        return out
+
+    def rank(self, out_mp: int) -> RankPlan:
+        """Target model-parallel rank ``out_mp``: its stage, tp rank, source rank and groups."""
+        from lightning_reshape.checkpoint.formats import pipeline
+
+        stage, mp = divmod(out_mp, self.target.tp)
+        groups, layers, src_stage = tuple(self.groups), None, 0
+        if self.stages is not None:
+            layers = (self.stages[stage], self.stages[stage + 1])
+            groups = pipeline.stage_groups(self, stage, layers)
+            src_stage = self.entry(groups[0][0], ROLE_FP32).pieces[0].pp_stage
+        src_tp = self.manifest.topology.tp
+        src_mp = src_stage * src_tp + (mp if self.target.tp == src_tp else 0)
+        meta = self.meta
+        pg_ref = meta.param_groups_ref.get(src_mp) or (
+            meta.optim_files[src_mp],
+            (*meta.optim_inner, "param_groups"),
+        )
+        return RankPlan(out_mp, stage, mp, src_mp, groups, layers, pg_ref)
+
+
+def _trainable(groups: Sequence[Sequence[str]]) -> set[str]:
+    return {n for g in groups for n in g}
+
+
+def plan_context(
+    manifest: Manifest, meta: SourceMeta, target: Target, tp_rules: Sequence[TPRule] = ()
+) -> PlanContext:
+    """Check the target against the source and compute what all its files share."""
+    from lightning_reshape.checkpoint.formats import bf16_optimizer, pipeline, zero0
+
+    _check_target(target)
+    is_pipeline = "pipeline" in manifest.layout
+    _check_source(manifest, is_pipeline)
+    _check_pipeline(manifest, target, is_pipeline)
+    splits, recorded = _splits(manifest, meta, target, tp_rules)
+    if manifest.model_dtype not in _ELEMENT_SIZE:
+        raise CheckpointError(f"{manifest.root}: unknown model dtype {manifest.model_dtype!r}")
+    zcfg = dict(meta.ds_config.get("zero_optimization") or {})
+    tgt_config = {**dict(meta.ds_config), "zero_optimization": {**zcfg, "stage": target.zero_stage}}
+    ctx = PlanContext(
+        manifest=manifest,
+        meta=meta,
+        target=target,
+        splits=splits,
+        recorded=recorded,
+        res=_Resolver(manifest, splits, target.tp),
+        tgt_config=tgt_config,
+        pipeline=is_pipeline,
+        zero0_wrapper=(
+            zero0.target_wrapper(manifest, tgt_config) if target.zero_stage == 0 else ""
+        ),
+        bf16_optimizer=bf16_optimizer.uses_bf16_optimizer(
+            tgt_config, target.zero_stage, is_pipeline
+        ),
+    )
+    ctx.groups = _optimizer_groups(ctx)
+    if is_pipeline:
+        ctx.stages = pipeline.target_stages(manifest, target, ctx.groups, splits)
+    return ctx
+
+
+def _optimizer_groups(ctx: PlanContext) -> list[tuple[str, ...]]:
+    """Trainable names per optimizer param group, in optimizer order (tp rank 0 of each source
+    stage defines names; shapes come from entries); a pipeline's stages each hold a slice of
+    every group, in layer order."""
+    from lightning_reshape.checkpoint.formats.zero12 import undo_round_robin
+
+    src = ctx.manifest.topology
+    rr = bool(ctx.zcfg.get("round_robin_gradients")) and src.zero_stage in (1, 2)
     groups: list[tuple[str, ...]] = []
-    for stage in range(src.pp if pipeline else 1):
-        for g, names in enumerate(source_groups(manifest, meta, stage * src.tp)):
+    for stage in range(src.pp if ctx.pipeline else 1):
+        for g, names in enumerate(source_groups(ctx.manifest, ctx.meta, stage * src.tp)):
             names = undo_round_robin(names, src.dp) if rr else tuple(names)
             if g < len(groups):
                 # a TiedLayerSpec module is held by every stage using it: listed once
                 groups[g] += tuple(n for n in names if n not in groups[g])
             else:
                 groups.append(names)
-    ties = (manifest.extra.get("pipeline_layers") or {}).get("ties") or {}
-    stages = _target_stages(manifest, target, groups, splits) if pipeline else None
-    optim_keys: dict[str, list[str]] = {}
-    for e in manifest.entries(ROLE_OPTIM):
-        assert e.state_key is not None
-        optim_keys.setdefault(e.name, [])
-        if e.state_key not in optim_keys[e.name]:
-            optim_keys[e.name].append(e.state_key)
-    src_group_of: dict[str, int] = {}
-    for e in manifest.entries(ROLE_FP32):
-        if e.pieces and e.pieces[0].flat_group is not None:
-            src_group_of[e.name] = e.pieces[0].flat_group
+    return groups
 
-    def entry(name: str, role: str, state_key: str | None = None) -> TensorEntry:
-        try:
-            return by_key[(name, role, state_key)]
-        except KeyError:
-            if role == ROLE_FP32 and src.zero_stage == 0 and model_dtype == "float32":
-                # a ZeRO 0 fp32 run's weights are its own masters
-                return entry(name, ROLE_PARAM)
-            raise CheckpointError(
-                f"{manifest.root}: {name} has no {role} {state_key or ''} tensor in the source; "
-                "the checkpoint is incomplete"
-            ) from None
 
-    def local_numel(name: str) -> int:
-        e = by_key.get((name, ROLE_FP32, None)) or by_key[(name, ROLE_PARAM, None)]
-        return math.prod(_local_shape(e.shape, splits.get(name), target.tp))
+class _Selection:
+    """Which target files to plan: all, or the named ones (``build_plan(files=...)``), found by
+    name so that planning one rank's files does work independent of the world size."""
 
-    def local_shape(e: TensorEntry) -> tuple[int, ...]:
-        return _local_shape(e.shape, splits.get(e.name), target.tp)
+    def __init__(self, ctx: PlanContext, files: Iterable[str] | None) -> None:
+        t = ctx.target
+        self.names = None if files is None else frozenset(files)
+        self.dp: dict[int, set[int]] = {}  # out_mp -> dp ranks named
+        self.mp: set[int] = set()
+        if self.names is None:
+            return
+        for name in self.names:
+            if m := _RANK_FILE_RE.match(name):
+                out_mp = int(m.group("mp"))
+                self.mp.add(out_mp)
+                if m.group("dp") is not None:
+                    self.dp.setdefault(out_mp, set()).add(int(m.group("dp")))
+            elif (m := _LAYER_FILE_RE.match(name)) and ctx.stages is not None:
+                layer, tp_rank = int(m.group(1)), int(m.group(2))
+                stage = bisect.bisect_right(ctx.stages, layer) - 1
+                if 0 <= stage < t.pp:
+                    self.mp.add(stage * t.tp + tp_rank)
 
-    def scalar_carries(
-        group: int, dst_prefix: KeyPath, src_mp: int, tgt_group: int, first: str = ""
-    ) -> list[Carry]:
-        out = []
-        if src.zero_stage == 0:  # per-parameter scalars: those of the group's first parameter
-            return [
-                Carry(s.file, s.key, (*dst_prefix, "state", tgt_group, s.state_key))
-                for s in manifest.scalars
-                if s.owner == first and s.file == meta.model_files[src_mp]
-            ]
-        for s in manifest.scalars:
-            if s.owner == f"mp{src_mp}.group{group}" and s.file == _first_optim(s.file):
-                out.append(Carry(s.file, s.key, (*dst_prefix, "state", tgt_group, s.state_key)))
-        return out
+    def ranks(self, count: int) -> Iterable[int]:
+        """Target model-parallel ranks holding a named file, in order."""
+        return range(count) if self.names is None else sorted(r for r in self.mp if r < count)
 
-    def _first_optim(file: str) -> str:
-        return file if "zero_pp_rank_0_" in file else ""
+    def dp_ranks(self, out_mp: int, dp: int) -> Iterable[int]:
+        if self.names is None:
+            return range(dp)
+        return sorted(r for r in self.dp.get(out_mp, ()) if r < dp)
 
-    files: list[TargetFile] = []
-    frozen = [e for e in manifest.entries(ROLE_PARAM) if e.name not in _trainable(groups)]
-    buffers = {e.name: e for e in manifest.entries(ROLE_BUFFER)}
-    prefix = "bf16_" if bf16 else ""
+    def wants(self, name: str) -> bool:
+        return self.names is None or name in self.names
 
-    for out_mp in range(target.tp * target.pp):
-        stage, mp = divmod(out_mp, target.tp)  # mp: the target tp rank from here on
-        stage_groups = groups
-        src_stage = 0
-        if stages is not None:
-            lo, hi = stages[stage], stages[stage + 1]
-            stage_groups = [_stage_names(g, lo, hi, ties) for g in groups]
-            first = next((g[0] for g in stage_groups if g), None)
-            if first is None:
-                raise LayoutError(
-                    f"{manifest.root}: target pipeline stage {stage} (layers {lo}..{hi - 1}) holds "
-                    f"no trainable parameter at pp={target.pp}; choose a smaller pp"
-                )
-            src_stage = entry(first, ROLE_FP32).pieces[0].pp_stage
-            # DeepSpeed builds one flat group per optimizer param group, empty or not
-            stage_groups = [g for g in stage_groups if g]
-            if len(stage_groups) != len(groups):
-                raise LayoutError(
-                    f"{manifest.root}: target pipeline stage {stage} would hold parameters of "
-                    f"only {len(stage_groups)} of the {len(groups)} optimizer param groups; "
-                    "such a layout is not supported"
-                )
-        src_mp = src_stage * src.tp + (mp if target.tp == src.tp else 0)
-        pg_file, pg_key = meta.param_groups_ref.get(src_mp) or (
-            meta.optim_files[src_mp],
-            (*meta.optim_inner, "param_groups"),
-        )
 
-        def param_groups(
-            dst: KeyPath,
-            params: Sequence[Sequence[int]],
-            pg_file: str = pg_file,
-            pg_key: KeyPath = pg_key,
-        ) -> list[Any]:
-            """The source's param groups (hyperparameters as saved) listing ``params``."""
-            out: list[Any] = [SetValue(dst, len(params), "list")]
-            for g, idx in enumerate(params):
-                out.append(Carry(pg_file, (*pg_key, g), (*dst, g)))
-                out.append(SetValue((*dst, g, "params"), list(idx)))
-            return out
+_RANK_FILE_RE = re.compile(
+    r"^(?:bf16_)?(?:zero_pp_rank_(?P<dp>\d+)_)?mp_rank_(?P<mp>\d+)_(?:model|optim)_states\.pt$"
+)
+_LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_(\d+)-model_states\.pt$")
 
-        def zero0_state(
-            name: str, index: int, inner: KeyPath, src_mp: int = src_mp, mp: int = mp
-        ) -> list[Any]:
-            """Torch optimizer state of one parameter (ZeRO 0 target): its scalars, then its
-            whole state tensors."""
-            items: list[Any] = [SetValue((*inner, "state", index), {}, "raw")]
-            if src.zero_stage == 0:
-                items += [
-                    Carry(s.file, s.key, (*inner, "state", index, s.state_key))
-                    for s in manifest.scalars
-                    if s.owner == name and s.file == meta.model_files[src_mp]
-                ]
-            else:
-                items += scalar_carries(src_group_of[name], inner, src_mp, index)
-            for k in optim_keys.get(name, []):
-                items.append(whole(entry(name, ROLE_OPTIM, k), (*inner, "state", index, k), mp))
-            return items if len(items) > 1 else []  # no state: torch saves no entry
 
-        def whole(e: TensorEntry, key: KeyPath, mp: int = mp) -> TensorFill:
-            """``e``'s whole (tp-local) tensor at ``key``."""
-            shape = local_shape(e)
-            return TensorFill(key, e.dtype, shape, tuple(res.copies(e, mp, 0, math.prod(shape), 0)))
+def build_plan(
+    manifest: Manifest,
+    meta: SourceMeta | None,
+    target: Target,
+    *,
+    tp_rules: Sequence[TPRule] = (),
+    files: Iterable[str] | None = None,
+) -> Plan:
+    """The plan writing ``manifest``'s checkpoint at ``target``. Pure: no IO.
 
-        if target.zero_stage == 0:
-            files.append(
-                _model_file(
-                    f"mp_rank_{out_mp:02d}_model_states.pt",
-                    manifest,
-                    meta,
-                    target,
-                    mp,
-                    src_mp,
-                    res,
-                    entry,
-                    local_shape,
-                    groups,
-                    frozen,
-                    buffers,
-                    aliases,
-                    tgt_config,
-                    None,
-                    optimizer_items=zero0.optimizer_items(
-                        groups,
-                        zero0_wrapper,
-                        zero0_state,
-                        param_groups,
-                        lambda name, key: whole(entry(name, ROLE_FP32), key),
-                        _loss_scale_top(manifest, meta.model_files[src_mp]),
-                    ),
-                )
-            )
-        elif target.zero_stage in (1, 2):
-            layouts = [
-                zero_group_layout(
-                    [(n, local_numel(n)) for n in names],
-                    target.dp,
-                    optimizer="bf16" if bf16_optimizer else "zero",
-                    round_robin_gradients=rr_t and not bf16_optimizer,
-                    parameter_alignment=align and not bf16_optimizer,
-                    element_size=_ELEMENT_SIZE[model_dtype],
-                )
-                for names in stage_groups
-            ]
-            flat_names = [tuple(p.name for p in lay.params) for lay in layouts]
-            for r in range(target.dp):
-                items: list[Carry | SetValue | TensorFill] = [
-                    SetValue(("optimizer_state_dict",), {}, "raw"),
-                    *_optimizer_top(meta, src_mp, "bf16" if bf16_optimizer else "zero"),
-                    SetValue(("optimizer_state_dict", "base_optimizer_state"), {}, "raw"),
-                    SetValue(("optimizer_state_dict", "base_optimizer_state", "state"), {}, "raw"),
-                    *param_groups(
-                        ("optimizer_state_dict", "base_optimizer_state", "param_groups"),
-                        [[g] for g in range(len(layouts))],
-                    ),
-                    SetValue(
-                        ("optimizer_state_dict", "single_partition_of_fp32_groups"),
-                        len(layouts),
-                        "list",
-                    ),
-                ]
-                base = ("optimizer_state_dict", "base_optimizer_state")
-                for g, lay in enumerate(layouts):
-                    first = lay.params[0].name
-                    sg = src_group_of.get(first, g)
-                    items.append(SetValue((*base, "state", g), {}, "raw"))
-                    items.extend(scalar_carries(sg, base, src_mp, g, first))
-                    frags = lay.rank_fragments(r)
-                    fp32_copies: list[Copy] = []
-                    for fr in frags:
-                        e = entry(fr.name, ROLE_FP32)
-                        fp32_copies += res.copies(
-                            e, mp, fr.param_start, fr.param_start + fr.numel, fr.partition_start
-                        )
-                    saved = lay.saved_partition_numel(r)
-                    items.append(
-                        TensorFill(
-                            ("optimizer_state_dict", "single_partition_of_fp32_groups", g),
-                            entry(first, ROLE_FP32).dtype,
-                            (saved,),
-                            tuple(fp32_copies),
-                        )
-                    )
-                    for k in optim_keys.get(first, []):
-                        copies: list[Copy] = []
-                        for fr in frags:
-                            e = entry(fr.name, ROLE_OPTIM, k)
-                            copies += res.copies(
-                                e, mp, fr.param_start, fr.param_start + fr.numel, fr.partition_start
-                            )
-                        items.append(
-                            TensorFill(
-                                (*base, "state", g, k),
-                                entry(first, ROLE_OPTIM, k).dtype,
-                                (lay.partition_size,),
-                                tuple(copies),
-                            )
-                        )
-                if not bf16_optimizer:  # BF16_Optimizer records neither
-                    items.append(
-                        SetValue(
-                            ("optimizer_state_dict", "zero_stage"), target.zero_stage, "zero_stage"
-                        )
-                    )
-                items.append(
-                    SetValue(
-                        ("optimizer_state_dict", "group_paddings"),
-                        [lay.group_paddings[r] for lay in layouts],
-                    )
-                )
-                if not bf16_optimizer:
-                    items.append(
-                        SetValue(
-                            ("optimizer_state_dict", "param_alignment_paddings"),
-                            [list(lay.param_alignment_paddings) for lay in layouts],
-                        )
-                    )
-                items += [
-                    SetValue(
-                        ("optimizer_state_dict", "partition_count"), [target.dp] * len(layouts)
-                    ),
-                    SetValue(("optimizer_state_dict", "ds_version"), manifest.ds_version),
-                    SetValue(
-                        ("optimizer_state_dict", "param_slice_mappings"),
-                        [
-                            {n: (a.numel, a.start) for n, a in lay.slice_mappings[r].items()}
-                            for lay in layouts
-                        ],
-                        "slice_mappings",
-                    ),
-                    SetValue(("ds_config",), tgt_config),
-                    SetValue(("ds_version",), manifest.ds_version),
-                ]
-                files.append(
-                    TargetFile(
-                        f"{prefix}zero_pp_rank_{r}_mp_rank_{out_mp:02d}_optim_states.pt",
-                        tuple(items),
-                    )
-                )
-            if stages is not None:
-                lo, hi = stages[stage], stages[stage + 1]
-                files += _layer_files(manifest, res, local_shape, lo, hi, mp)
-            stage_buffers = None
-            if stages is not None:
-                stage_buffers = [n for n in buffers if _in_stage(n, lo, hi, ties)]
-            files.append(
-                _model_file(
-                    f"mp_rank_{out_mp:02d}_model_states.pt",
-                    manifest,
-                    meta,
-                    target,
-                    mp,
-                    src_mp,
-                    res,
-                    entry,
-                    local_shape,
-                    flat_names,
-                    frozen,
-                    buffers,
-                    aliases,
-                    tgt_config,
-                    None,
-                    stage_buffers,
-                )
-            )
-        else:
-            lay3 = zero3_layout(
-                [[(n, local_numel(n)) for n in names] for names in groups],
-                target.dp,
-                sub_group_size=sub_group_size,
-            )
-            # each param group lists its sub-groups' fp32 partitions, in order
-            sub_lists = [
-                [s for s, g in enumerate(lay3.sub_group_to_group) if g == group]
-                for group in range(len(groups))
-            ]
-            sub_names = [
-                tuple(p.name for p in lay3.sub_group_params(s))
-                for s in range(len(lay3.sub_group_numels))
-            ]
-            inner = ("optimizer_state_dict", "optimizer_state_dict")
-            for r in range(target.dp):
-                items = [
-                    SetValue(("optimizer_state_dict",), {}, "raw"),
-                    SetValue(("optimizer_state_dict", "zero_stage"), 3, "zero_stage"),
-                    *_optimizer_top(meta, src_mp, "zero3"),
-                    SetValue(("optimizer_state_dict", "partition_count"), target.dp),
-                    SetValue(inner, {}, "raw"),
-                    SetValue((*inner, "state"), {}, "raw"),
-                    *param_groups((*inner, "param_groups"), sub_lists),
-                    SetValue(
-                        ("optimizer_state_dict", "fp32_flat_groups"),
-                        len(lay3.sub_group_numels),
-                        "list",
-                    ),
-                ]
-                for s, numel in enumerate(lay3.sub_group_numels):
-                    params = lay3.sub_group_params(s)
-                    first = params[0].name
-                    items.append(SetValue((*inner, "state", s), {}, "raw"))
-                    items.extend(
-                        scalar_carries(src_group_of.get(first, s), inner, src_mp, s, first)
-                    )
-                    keys = [None, *optim_keys.get(first, [])]
-                    for k in keys:
-                        copies = []
-                        for p in params:
-                            b = p.param_bounds()
-                            if b[r + 1] > b[r]:
-                                e = entry(p.name, ROLE_FP32 if k is None else ROLE_OPTIM, k)
-                                copies += res.copies(e, mp, b[r], b[r + 1], p.offset)
-                        dkey = (
-                            ("optimizer_state_dict", "fp32_flat_groups", s)
-                            if k is None
-                            else (*inner, "state", s, k)
-                        )
-                        dt = entry(first, ROLE_FP32 if k is None else ROLE_OPTIM, k).dtype
-                        items.append(TensorFill(dkey, dt, (numel,), tuple(copies)))
-                items += [
-                    SetValue(("ds_config",), tgt_config),
-                    SetValue(("ds_version",), manifest.ds_version),
-                ]
-                files.append(
-                    TargetFile(
-                        f"{prefix}zero_pp_rank_{r}_mp_rank_{mp:02d}_optim_states.pt", tuple(items)
-                    )
-                )
-                files.append(
-                    _model_file(
-                        f"zero_pp_rank_{r}_mp_rank_{mp:02d}_model_states.pt",
-                        manifest,
-                        meta,
-                        target,
-                        mp,
-                        src_mp,
-                        res,
-                        entry,
-                        local_shape,
-                        sub_names,
-                        frozen,
-                        buffers,
-                        aliases,
-                        tgt_config,
-                        r,
-                    )
-                )
-    files.sort(key=lambda f: f.name)
+    ``meta``: the source metadata, None for the manifest's own. ``files``: plan only these
+    target file names (e.g. :func:`rank_files` of one rank); the others are not computed, and
+    a name the target does not have is not in the plan.
+    Raises LayoutError/CheckpointError (nothing written) for a target that cannot be reached.
+    """
+    from lightning_reshape.checkpoint.formats import zero0, zero3, zero12
+
+    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    sel = _Selection(ctx, files)
+    writer = {0: zero0.plan_files, 1: zero12.plan_files, 2: zero12.plan_files}.get(
+        target.zero_stage, zero3.plan_files
+    )
+    out: list[TargetFile] = []
+    for out_mp in sel.ranks(target.tp * target.pp):
+        out += writer(ctx, ctx.rank(out_mp), sel)
+    out.sort(key=lambda f: f.name)
+    src = manifest.topology
     return Plan(
         source_root=manifest.root,
         source_tag=manifest.tag,
         source=f"tp={src.tp} pp={src.pp} dp={src.dp} zero_stage={src.zero_stage}",
         target=target,
-        files=tuple(files),
+        files=tuple(out),
         trusted=manifest.trusted,
-        sidecar=_target_sidecar(manifest, target, splits, recorded, stages),
+        sidecar=_target_sidecar(manifest, target, ctx.splits, ctx.recorded, ctx.stages),
     )
+
+
+def rank_files(
+    manifest: Manifest,
+    meta: SourceMeta | None,
+    target: Target,
+    tp_rank: int,
+    pp_stage: int,
+    dp_rank: int,
+    *,
+    tp_rules: Sequence[TPRule] = (),
+) -> tuple[str, ...]:
+    """Names of the files DeepSpeed's engine at target rank (``tp_rank``, ``pp_stage``,
+    ``dp_rank``) loads: its model-states file (ZeRO 3: its own ``zero_pp_rank_D`` one), its
+    optimizer file (``bf16_`` prefixed when bf16 is enabled; none at ZeRO 0) and, in a pipeline,
+    its stage's layer files. Pure: ``build_plan(..., files=rank_files(...))`` plans that rank's
+    share alone."""
+    from lightning_reshape.checkpoint.formats import pipeline
+
+    t = target
+    if not (0 <= tp_rank < t.tp and 0 <= pp_stage < t.pp and 0 <= dp_rank < t.dp):
+        raise LayoutError(f"rank (tp={tp_rank}, pp={pp_stage}, dp={dp_rank}) is outside target {t}")
+    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    mp = pp_stage * t.tp + tp_rank
+    optim = f"{ctx.prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
+    if t.zero_stage == 0:
+        return (f"mp_rank_{mp:02d}_model_states.pt",)
+    if t.zero_stage == 3:
+        return (f"zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_model_states.pt", optim)
+    layers: tuple[str, ...] = ()
+    if ctx.stages is not None:
+        lo, hi = ctx.stages[pp_stage], ctx.stages[pp_stage + 1]
+        layers = tuple(
+            pipeline.layer_file_name(x, tp_rank) for x in pipeline.file_layers(ctx) if lo <= x < hi
+        )
+    return (f"mp_rank_{mp:02d}_model_states.pt", optim, *layers)
 
 
 def _check_source(manifest: Manifest, pipeline: bool) -> None:
@@ -1009,82 +861,6 @@ def source_groups(manifest: Manifest, meta: SourceMeta, mp: int) -> tuple[tuple[
     return tuple(out)
 
 
-def uses_bf16_optimizer(config: Mapping[str, Any], stage: int, pipeline: bool) -> bool:
-    """Whether DeepSpeed (``engine._do_optimizer_sanity_check``) wraps the optimizer in its
-    BF16_Optimizer for this config and stage: bf16 with fp32 gradient accumulation at ZeRO 1
-    without offload (the Megatron-DeepSpeed recipe), or bf16 in the pipeline engine at ZeRO 0."""
-    bf16 = config.get("bf16") or config.get("bfloat16") or {}
-    if not (isinstance(bf16, Mapping) and bf16.get("enabled")):
-        return False
-    accum = str((config.get("data_types") or {}).get("grad_accum_dtype") or "").lower()
-    fp32_accum = accum in ("fp32", "float32", "float", "torch.float32")
-    zcfg = config.get("zero_optimization") or {}
-    offload = (zcfg.get("offload_optimizer") or {}).get("device") not in (None, "none")
-    if stage == 1:
-        return fp32_accum and not offload
-    return stage == 0 and pipeline and not fp32_accum
-
-
-def _loss_scale_top(manifest: Manifest, model_file: str) -> list[Carry | SetValue]:
-    """A bf16 ZeRO 0 optimizer's loss-scale entries: carried from a source saved the same way,
-    else what DeepSpeed writes for bf16 (static scale 1, ``cur_iter`` counting the steps)."""
-    refs = {r.name: r for r in manifest.state_refs if r.file == model_file}
-    out: list[Carry | SetValue] = []
-    defaults = {
-        "dynamic_loss_scale": False,
-        "cur_scale": 1.0,
-        "cur_iter": manifest.global_steps or 0,
-    }
-    for k, value in defaults.items():
-        ref = refs.get(f"optimizer:{k}")
-        if manifest.optimizer_wrapper == "fp16_optimizer" and ref is not None:
-            out.append(Carry(ref.file, ref.key, ("optimizer", k)))
-        else:
-            out.append(SetValue(("optimizer", k), value))
-    return out
-
-
-# DeepSpeed's default ``gradient_clipping`` (runtime/constants.py): what ZeRO 1/2 save as clip_grad
-GRADIENT_CLIPPING_DEFAULT = 1.0
-
-
-def _optimizer_top(meta: SourceMeta, src_mp: int, kind: str) -> list[Carry | SetValue]:
-    """The top-level entries of a target optimizer file before its tensors: carried from the
-    source where it has them, else what DeepSpeed writes for a bf16/fp32 run (static loss scale
-    1, no overflow, the configured clipping). ``kind``: zero (ZeRO 1/2), zero3 or bf16."""
-    keys = {
-        "zero": ("loss_scaler", "dynamic_loss_scale", "overflow", "clip_grad"),
-        "zero3": ("loss_scaler", "dynamic_loss_scale", "overflow"),
-        "bf16": ("clip_grad",),
-    }[kind]
-    has = set(meta.optim_top_keys) if src_mp in meta.optim_files else set()
-    out: list[Carry | SetValue] = []
-    for k in keys:
-        dst = ("optimizer_state_dict", k)
-        if k in has:
-            out.append(Carry(meta.optim_files[src_mp], dst, dst))
-        elif k == "loss_scaler":
-            out.append(SetValue(dst, {"cur_scale": 1.0, "dynamic": False}, "loss_scaler"))
-        elif k == "clip_grad":
-            clip = meta.ds_config.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT)
-            out.append(SetValue(dst, float(clip)))
-        else:
-            out.append(SetValue(dst, False))
-    return out
-
-
-def _saves_frozen(manifest: Manifest, target: Target, frozen: Sequence[TensorEntry]) -> bool:
-    """Whether the target's model files hold ``frozen_param_shapes``/``_fragments`` (else None).
-
-    DeepSpeed writes them at ZeRO 2 and 3 unless saved with ``exclude_frozen_parameters=True``;
-    a None is what tells its loader not to look for frozen weights. A source that excluded them
-    keeps excluding them; with no frozen parameter at all, None loads the same as an empty dict
-    and is the only safe choice when a ZeRO 0/1 source cannot tell whether it excluded any."""
-    if target.zero_stage < 2 or manifest.extra.get("excluded_frozen"):
-        return False
-    return bool(frozen) or bool(manifest.extra.get("frozen_recorded"))
-
-
 def _target_sidecar(
     manifest: Manifest,
     target: Target,
@@ -1118,286 +894,6 @@ def _target_sidecar(
         tp_splits={n: splits.get(n) for n in dict.fromkeys(names)},
         extra=extra,
     )
-
-
-def _layer_of(name: str) -> int:
-    """Global pipeline layer index of a pipeline-engine name (``<layer>.<name in layer>``)."""
-    head = name.split(".", 1)[0]
-    if not head.isdigit():
-        raise CheckpointError(
-            f"{name}: not a pipeline-engine parameter name (<layer index>.<name>); the checkpoint "
-            "mixes pipeline and plain module files"
-        )
-    return int(head)
-
-
-def _layers_of(name: str, ties: Mapping[str, Any]) -> tuple[int, ...]:
-    """The pipeline layers using a parameter: its own, or every use of its tied module."""
-    if name.startswith(TIED_PREFIX):
-        key = name[len(TIED_PREFIX) :].split(".", 1)[0]
-        if key not in ties:
-            raise CheckpointError(
-                f"{name}: a TiedLayerSpec parameter whose uses are not recorded; only checkpoints "
-                "with our sidecar's pipeline record (ReshapeDeepSpeedStrategy) can move it"
-            )
-        return tuple(ties[key]["layers"])
-    return (_layer_of(name),)
-
-
-def _in_stage(name: str, lo: int, hi: int, ties: Mapping[str, Any]) -> bool:
-    return any(lo <= x < hi for x in _layers_of(name, ties))
-
-
-def _stage_names(
-    names: Sequence[str], lo: int, hi: int, ties: Mapping[str, Any]
-) -> tuple[str, ...]:
-    """A stage's parameters of one group in PipelineModule's order: its tied modules first
-    (registered before the layers, in the order of their first use in the stage), then its
-    layers' parameters in layer order."""
-    mine = [n for n in names if _in_stage(n, lo, hi, ties)]
-    tied = [n for n in mine if n.startswith(TIED_PREFIX)]
-    first_use = {n: min(x for x in _layers_of(n, ties) if lo <= x < hi) for n in tied}
-    tied.sort(key=lambda n: first_use[n])  # stable: a module's own order is kept
-    return (*tied, *(n for n in mine if not n.startswith(TIED_PREFIX)))
-
-
-def _target_stages(
-    manifest: Manifest,
-    target: Target,
-    groups: Sequence[Sequence[str]],
-    splits: Mapping[str, TPSplit | None],
-) -> tuple[int, ...]:
-    """Stage boundaries at the target pp, as DeepSpeed's PipelineModule computes them for the
-    target's ``partition_method``: by default "parameters", balanced by each layer's trainable
-    (tp-local) parameter count; "uniform"; or explicit boundaries. Layers are numbered by their
-    files; a layer without a file (a function) counts as 0 parameters. Function layers after the
-    last layer file are known only from our sidecar (its layer count)."""
-    layers = {p.layer for e in manifest.tensors for p in e.pieces if p.layer is not None}
-    known = manifest.extra.get("pipeline_layers") or {}
-    ties = known.get("ties") or {}
-    layers.update(x for t in ties.values() for x in t["layers"])
-    layers.update(known.get("module_layers", ()))
-    if not layers:
-        raise CheckpointError(f"{manifest.root}: a pipeline checkpoint without layer files")
-    counts = [0] * max(max(layers) + 1, int(known.get("num_layers", 0) or 0))
-    shapes = {e.name: e.shape for e in manifest.entries(ROLE_FP32)}
-    for names in groups:
-        for n in names:
-            numel = math.prod(_local_shape(shapes[n], splits.get(n), target.tp))
-            for layer in _layers_of(n, ties):  # DeepSpeed counts a tied module at every use
-                counts[layer] += numel
-    if target.pp > len(counts):
-        raise LayoutError(
-            f"target pp={target.pp} exceeds the {len(counts)} pipeline layers of "
-            f"{manifest.root}; choose pp <= {len(counts)}"
-        )
-    method = target.pp_partition.strip().lower()
-    if method in ("parameters", "uniform"):
-        return pipeline_stages(len(counts), target.pp, method, layer_params=counts).parts
-    try:
-        bounds = tuple(int(x) for x in method.split(","))
-    except ValueError:
-        raise LayoutError(
-            f"pp_partition={target.pp_partition!r}: expected 'parameters', 'uniform' or stage "
-            f"boundaries like '0,{len(counts) // 2},{len(counts)}' (pp + 1 layer offsets)"
-        ) from None
-    try:
-        return pipeline_stages(len(counts), target.pp, "explicit", boundaries=bounds).parts
-    except LayoutError as exc:
-        raise LayoutError(f"pp_partition={target.pp_partition!r}: {exc}") from None
-
-
-def _layer_files(
-    manifest: Manifest, res: _Resolver, local_shape: Any, lo: int, hi: int, tp_rank: int
-) -> list[TargetFile]:
-    """The pipeline layer files ``lo..hi-1`` of one tp rank: each a plain state dict of the
-    layer (weights as stored, buffers), keyed by global layer index, so only the owner moves."""
-    by_layer: dict[int, list[TensorFill]] = {}
-    known = manifest.extra.get("pipeline_layers") or {}
-    ties = known.get("ties") or {}
-    for e in manifest.tensors:
-        if e.role not in (ROLE_PARAM, ROLE_BUFFER) or not e.pieces:
-            continue
-        layers: tuple[int, ...] = (e.pieces[0].layer,) if e.pieces[0].layer is not None else ()
-        if e.name.startswith(TIED_PREFIX):
-            # a tied module is saved in the file of each of its uses without a forward_fn
-            tie = ties[e.name[len(TIED_PREFIX) :].split(".", 1)[0]]
-            layers = tuple(tie["module_layers"])
-        key = e.pieces[0].key
-        shape = local_shape(e)
-        for layer in (x for x in layers if lo <= x < hi):
-            copies = res.copies(e, tp_rank, 0, math.prod(shape), 0)
-            by_layer.setdefault(layer, []).append(TensorFill(key, e.dtype, shape, tuple(copies)))
-    # Modules without parameters or buffers (activations, dropout) still have a layer file,
-    # an empty state dict, which DeepSpeed's load_state_dir requires.
-    for layer in known.get("module_layers", ()):
-        if lo <= layer < hi:
-            by_layer.setdefault(layer, [])
-    return [
-        TargetFile(f"layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt", tuple(fills))
-        for layer, fills in sorted(by_layer.items())
-    ]
-
-
-def _trainable(groups: Sequence[Sequence[str]]) -> set[str]:
-    return {n for g in groups for n in g}
-
-
-_MODEL_COMPUTED = frozenset(
-    {
-        "module",
-        "optimizer",
-        "param_shapes",
-        "frozen_param_shapes",
-        "shared_params",
-        "frozen_param_fragments",
-        "dp_world_size",
-        "mp_world_size",
-        "checkpoint_parallel_dimensions",
-        "ds_config",
-    }
-)
-
-
-def _model_file(
-    name: str,
-    manifest: Manifest,
-    meta: SourceMeta,
-    target: Target,
-    mp: int,
-    src_mp: int,
-    res: _Resolver,
-    entry: Any,
-    local_shape: Any,
-    flat_names: Sequence[Sequence[str]],
-    frozen: Sequence[TensorEntry],
-    buffers: Mapping[str, TensorEntry],
-    aliases: Mapping[str, str],
-    tgt_config: Mapping[str, Any],
-    z3_rank: int | None,
-    pipeline_buffers: Sequence[str] | None = None,
-    optimizer_items: Sequence[Carry | SetValue | TensorFill] | None = None,
-) -> TargetFile:
-    """A model-states file: ``mp_rank_XX`` (ZeRO 1/2) or ``zero_pp_rank_R_mp_rank_XX`` (ZeRO 3).
-
-    ``pipeline_buffers`` (pipeline engine only): the stage's buffer names; the module itself
-    lives in the layer files then, so ``module`` is None. ``optimizer_items`` (ZeRO 0 only): the
-    whole optimizer state, which ZeRO 0 keeps in this file; ZeRO 0 records no ``param_shapes``
-    or ``shared_params``."""
-    src_file = meta.model_files[src_mp]
-    items: list[Carry | SetValue | TensorFill] = []
-    trainable = _trainable(flat_names)
-    frozen_names = {e.name for e in frozen}
-    shared = dict(meta.shared_params.get(src_mp) or {})
-    for alias, source in aliases.items():
-        shared.setdefault(alias, source)
-    model_dtype = manifest.model_dtype
-    known = {t.key for t in manifest.tensors}
-    module_keys = set(meta.module_keys[src_mp])
-    for key in meta.model_keys[src_mp]:
-        if pipeline_buffers is not None and key in ("module", "buffer_names"):
-            value = None if key == "module" else list(pipeline_buffers)
-            items.append(SetValue((key,), value))
-            continue
-        if key not in _MODEL_COMPUTED:
-            items.append(Carry(src_file, (key,), (key,)))
-            continue
-        if key == "module":
-            items.append(SetValue(("module",), None, "odict"))
-            for mkey in meta.module_keys[src_mp]:
-                dkey = ("module", mkey)
-                if mkey in buffers:
-                    e = buffers[mkey]
-                    n = math.prod(local_shape(e))
-                    items.append(
-                        TensorFill(dkey, e.dtype, local_shape(e), tuple(res.copies(e, mp, 0, n, 0)))
-                    )
-                elif z3_rank is not None:
-                    items.append(TensorFill(dkey, model_dtype, (0,)))
-                elif (
-                    mkey in shared
-                    and mkey not in trainable
-                    and mkey not in frozen_names
-                    and shared[mkey] in module_keys  # not when excluded from the save
-                ):
-                    items.append(TensorFill(dkey, model_dtype, (), tie=("module", shared[mkey])))
-                else:
-                    if (
-                        manifest.extra.get("excluded_frozen")
-                        and (mkey, ROLE_PARAM, None) not in known
-                        and (mkey, ROLE_FP32, None) not in known
-                    ):
-                        # a frozen weight tied to another, saved at ZeRO 3 with
-                        # exclude_frozen_parameters=True: its placeholder is all the checkpoint
-                        # holds, so it stays out, and the model keeps its own value on load
-                        # (strict=False), as it does when resuming the source
-                        continue
-                    e = (
-                        entry(mkey, ROLE_PARAM)
-                        if (mkey, ROLE_PARAM, None) in known
-                        else entry(mkey, ROLE_FP32)
-                    )
-                    n = math.prod(local_shape(e))
-                    copies = res.copies(e, mp, 0, n, 0)
-                    items.append(TensorFill(dkey, model_dtype, local_shape(e), tuple(copies)))
-        elif key == "optimizer":
-            if optimizer_items is None:
-                items.append(SetValue(("optimizer",), None))
-            else:
-                items.extend(optimizer_items)
-        elif key in ("param_shapes", "shared_params") and target.zero_stage == 0:
-            items.append(SetValue((key,), None))
-        elif key == "param_shapes":
-            shapes = []
-            for names in flat_names:
-                shapes.append({n: local_shape(entry(n, ROLE_FP32)) for n in names})
-            items.append(SetValue(("param_shapes",), shapes, "shapes"))
-        elif key == "frozen_param_shapes":
-            if _saves_frozen(manifest, target, frozen):
-                items.append(
-                    SetValue(
-                        ("frozen_param_shapes",),
-                        {e.name: local_shape(e) for e in frozen},
-                        "frozen_shapes",
-                    )
-                )
-            else:
-                items.append(SetValue(("frozen_param_shapes",), None))
-        elif key == "frozen_param_fragments":
-            if not _saves_frozen(manifest, target, frozen):
-                items.append(SetValue(("frozen_param_fragments",), None))
-                continue
-            items.append(SetValue(("frozen_param_fragments",), None, "odict"))
-            for e in frozen:
-                shape = local_shape(e)
-                n = math.prod(shape)
-                if z3_rank is None:
-                    copies = res.copies(e, mp, 0, n, 0)
-                    items.append(
-                        TensorFill(
-                            ("frozen_param_fragments", e.name), e.dtype, shape, tuple(copies)
-                        )
-                    )
-                else:
-                    part = -(-n // target.dp)
-                    lo, hi = min(n, z3_rank * part), min(n, (z3_rank + 1) * part)
-                    copies = res.copies(e, mp, lo, hi, 0) if hi > lo else []
-                    items.append(
-                        TensorFill(
-                            ("frozen_param_fragments", e.name), e.dtype, (part,), tuple(copies)
-                        )
-                    )
-        elif key == "shared_params":
-            items.append(SetValue(("shared_params",), shared))
-        elif key == "dp_world_size":
-            items.append(SetValue((key,), target.dp))
-        elif key == "mp_world_size":
-            items.append(SetValue((key,), target.tp * target.pp))
-        elif key == "checkpoint_parallel_dimensions":
-            items.append(SetValue((key,), {"pp_degree": target.pp, "tp_degree": target.tp}))
-        elif key == "ds_config":
-            items.append(SetValue((key,), dict(tgt_config)))
-    return TargetFile(name, tuple(items))
 
 
 def format_plan(plan: Plan) -> str:

@@ -3,7 +3,9 @@
 Why: DeepSpeed spreads one logical tensor over model files, ZeRO flat partitions, pipeline
 layer files and tensor-parallel shards, with the layout hidden in string keys. This module
 turns all of that into explicit geometry once, reading only metadata (files are memory-mapped,
-so tensors are not paged in), and never writes anything.
+so tensors are not paged in), and never writes anything. It finds, scans, loads and checks the
+files; what each DeepSpeed format holds is read by its module in
+:mod:`lightning_reshape.checkpoint.formats`, which :func:`_build` dispatches to.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.manifest import (
@@ -100,17 +102,6 @@ DS_CARRIED_KEYS = (
     "ds_config",
     "ds_version",
 )
-OPTIM_CARRIED_KEYS = (
-    "loss_scaler",
-    "dynamic_loss_scale",
-    "overflow",
-    "clip_grad",
-    "cur_scale",
-    "cur_iter",
-    "last_overflow_iter",
-    "scale_factor",
-    "scale_window",
-)
 
 
 @dataclass(frozen=True)
@@ -159,18 +150,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such file or directory")
     if os.path.isfile(path):
-        parent = os.path.dirname(path)
-        hint = parent
-        if os.path.basename(parent) == "checkpoint" and os.path.isfile(
-            os.path.join(os.path.dirname(parent), "latest")
-        ):
-            hint = os.path.dirname(parent)
-        if _is_tag_dir(parent):
-            raise CheckpointError(
-                f"{path}: is a single file; a DeepSpeed checkpoint is a directory. "
-                f"Pass the checkpoint directory instead: {hint}"
-            )
-        raise CheckpointError(f"{path}: {_describe_single_file(path)}")
+        _refuse_single_file(path)
     latest = os.path.join(path, "latest")
     if tag is None and os.path.isfile(latest):
         try:
@@ -181,21 +161,7 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
         if not tag:
             raise CheckpointError(f"{latest}: is empty; pass the tag folder directly")
     if tag is not None:
-        tag_dir = os.path.join(path, tag)
-        if not os.path.isdir(tag_dir):
-            avail = sorted(d for d in os.listdir(path) if _is_tag_dir(os.path.join(path, d)))
-            raise CheckpointError(
-                f"{tag_dir}: tag folder {tag!r} "
-                f"(from {latest if os.path.isfile(latest) else 'tag='}) "
-                f"does not exist; tags present: {avail or 'none'}"
-            )
-        if not _is_tag_dir(tag_dir):
-            raise CheckpointError(
-                f"{tag_dir}: holds no DeepSpeed model-state files (*_model_states.pt); "
-                "the save is incomplete or this is not a DeepSpeed checkpoint"
-            )
-        layout = "lightning-deepspeed" if tag == "checkpoint" else "deepspeed"
-        return CheckpointLocation(layout=layout, tag_dir=tag_dir, tag=tag, save_dir=path)
+        return _tag_location(path, tag, latest)
     if _is_tag_dir(path):
         parent = os.path.dirname(path)
         name = os.path.basename(path)
@@ -203,6 +169,46 @@ def resolve_checkpoint(path: str | os.PathLike[str], tag: str | None = None) -> 
         if name == "checkpoint" and os.path.isfile(os.path.join(parent, "latest")):
             layout = "lightning-deepspeed"
         return CheckpointLocation(layout=layout, tag_dir=path, tag=name, save_dir=None)
+    return _only_tag_inside(path)
+
+
+def _refuse_single_file(path: str) -> NoReturn:
+    """A file is never a DeepSpeed checkpoint: say which directory to pass, or what it is."""
+    parent = os.path.dirname(path)
+    hint = parent
+    if os.path.basename(parent) == "checkpoint" and os.path.isfile(
+        os.path.join(os.path.dirname(parent), "latest")
+    ):
+        hint = os.path.dirname(parent)
+    if _is_tag_dir(parent):
+        raise CheckpointError(
+            f"{path}: is a single file; a DeepSpeed checkpoint is a directory. "
+            f"Pass the checkpoint directory instead: {hint}"
+        )
+    raise CheckpointError(f"{path}: {_describe_single_file(path)}")
+
+
+def _tag_location(path: str, tag: str, latest: str) -> CheckpointLocation:
+    """The tag folder ``tag`` of the save directory ``path`` (named by ``latest`` or ``tag=``)."""
+    tag_dir = os.path.join(path, tag)
+    if not os.path.isdir(tag_dir):
+        avail = sorted(d for d in os.listdir(path) if _is_tag_dir(os.path.join(path, d)))
+        raise CheckpointError(
+            f"{tag_dir}: tag folder {tag!r} "
+            f"(from {latest if os.path.isfile(latest) else 'tag='}) "
+            f"does not exist; tags present: {avail or 'none'}"
+        )
+    if not _is_tag_dir(tag_dir):
+        raise CheckpointError(
+            f"{tag_dir}: holds no DeepSpeed model-state files (*_model_states.pt); "
+            "the save is incomplete or this is not a DeepSpeed checkpoint"
+        )
+    layout = "lightning-deepspeed" if tag == "checkpoint" else "deepspeed"
+    return CheckpointLocation(layout=layout, tag_dir=tag_dir, tag=tag, save_dir=path)
+
+
+def _only_tag_inside(path: str) -> CheckpointLocation:
+    """A folder without ``latest``: its one tag folder, else an error naming what to pass."""
     try:
         entries = sorted(os.listdir(path))
     except OSError as exc:
@@ -614,11 +620,13 @@ class _Files:
     layers: dict[tuple[int, int], str]  # (layer, tp) -> layer file
     bf16_prefix: bool
     unknown: list[str]
+    names: frozenset[str] = frozenset()  # every name in the tag folder
 
 
 def _scan(tag_dir: str) -> _Files:
-    files = _Files({}, {}, {}, {}, False, [])
-    for name in sorted(os.listdir(tag_dir)):
+    listing = sorted(os.listdir(tag_dir))
+    files = _Files({}, {}, {}, {}, False, [], frozenset(listing))
+    for name in listing:
         if m := MODEL_RE.match(name):
             files.model[int(m.group(1))] = name
         elif m := Z3_MODEL_RE.match(name):
@@ -872,13 +880,86 @@ def read_manifest(
 
 
 def _build(b: _Builder) -> Manifest:
+    # the formats build on this module (its builder and helpers): imported when used
+    from lightning_reshape.checkpoint.formats import model_states
+
     f = b.files
     if not f.model and not f.z3_model:
         raise CheckpointError(
             f"{b.tag_dir}: no mp_rank_*_model_states.pt or zero_pp_rank_*_model_states.pt files; "
             "the save is incomplete"
         )
-    # ---- metadata from the first model file of each mp rank ----
+    main_files = _main_files(b)
+    mp_ranks = sorted(main_files)
+    first = b.load(main_files[mp_ranks[0]])
+    if not isinstance(first, Mapping) or "buffer_names" not in first:
+        raise CheckpointError(
+            f"{b.path(main_files[mp_ranks[0]])}: not a DeepSpeed model-states file "
+            "(no 'buffer_names')"
+        )
+    topo, wrapper, sidecar = _topology(b, first, mp_ranks)
+    _check_one_save(b, main_files, topo, first)
+    model_dtype = None
+    for mp in mp_ranks:
+        model_dtype = _read_mp_rank(b, main_files[mp], mp, topo, wrapper, model_dtype)
+    tensors = _finish(b, sidecar, first.get("universal_checkpoint_info"), topo)
+    client_keys = tuple(k for k in first if k not in DS_MODEL_KEYS)
+    is_pipeline = bool(f.layers)
+    all_files = sorted(
+        [*f.model.values(), *f.z3_model.values(), *f.optim.values(), *f.layers.values()]
+    )
+    global_steps = first.get("global_steps")
+    return Manifest(
+        root=b.tag_dir,
+        layout=b.loc.layout if not is_pipeline else f"{b.loc.layout}-pipeline",
+        tag=b.loc.tag,
+        topology=topo,
+        model_dtype=model_dtype or "unknown",
+        optimizer_wrapper=wrapper,
+        tensors=tensors,
+        scalars=tuple(b.scalars),
+        state_refs=tuple(b.refs),
+        aliases=tuple(sorted(b.aliases.items())),
+        files=tuple(all_files),
+        client_state_keys=client_keys,
+        global_steps=int(global_steps) if global_steps is not None else None,
+        ds_version=first.get("ds_version"),
+        trusted=b.trust,
+        extra=_extra(b, first, topo, client_keys, sidecar),
+        source_meta=model_states.read_source_meta(b, topo.mp, sidecar),
+    )
+
+
+def _extra(
+    b: _Builder,
+    first: Mapping[str, Any],
+    topo: SourceTopology,
+    client_keys: Sequence[str],
+    sidecar: Sidecar | None,
+) -> dict[str, Any]:
+    """The manifest's facts beyond tensors: frozen names, ZeRO 0 groups, flags of the save, a
+    summary of the client state, the pipeline's layer record."""
+    from lightning_reshape.checkpoint.formats import pipeline
+
+    f = b.files
+    return {
+        "bf16_prefixed_files": f.bf16_prefix,
+        "elastic_checkpoint": b.elastic,
+        "frozen": tuple(sorted(b.frozen)),
+        "zero0_groups": dict(b.zero0_groups),
+        "excluded_frozen": b.excluded_frozen,
+        "frozen_recorded": topo.zero_stage >= 2 and first.get("frozen_param_shapes") is not None,
+        "client_summary": {k: _summary(first[k]) for k in client_keys},
+        "client_scalars": {
+            k: first[k] for k in client_keys if isinstance(first[k], (int, float, str, bool))
+        },
+        **({"pipeline_layers": pipeline.pipeline_layers(f, sidecar)} if f.layers else {}),
+    }
+
+
+def _main_files(b: _Builder) -> dict[int, str]:
+    """mp rank -> its main model-states file (ZeRO 3: the dp-0 one)."""
+    f = b.files
     zero3 = bool(f.z3_model)
     mp_ranks = sorted({mp for _, mp in f.z3_model} if zero3 else f.model)
     main_files = {mp: (f.z3_model.get((0, mp)) if zero3 else f.model[mp]) for mp in mp_ranks}
@@ -887,12 +968,13 @@ def _build(b: _Builder) -> Manifest:
             raise CheckpointError(
                 f"{b.path(f'zero_pp_rank_0_mp_rank_{mp:02d}_model_states.pt')}: missing shard"
             )
-    first = b.load(main_files[mp_ranks[0]])
-    if not isinstance(first, Mapping) or "buffer_names" not in first:
-        raise CheckpointError(
-            f"{b.path(main_files[mp_ranks[0]])}: not a DeepSpeed model-states file "
-            "(no 'buffer_names')"
-        )
+    return {mp: name for mp, name in main_files.items() if name is not None}
+
+
+def _degrees(b: _Builder, first: Mapping[str, Any]) -> tuple[int, int, int, int]:
+    """(dp, mp, tp, pp) as DeepSpeed recorded them; tp and pp inferred from the file names when
+    an older DeepSpeed did not record them."""
+    f = b.files
     dims = first.get("checkpoint_parallel_dimensions") or {}
     meta_dp = int(first.get("dp_world_size", 1) or 1)
     meta_mp = int(first.get("mp_world_size", 1) or 1)
@@ -903,117 +985,154 @@ def _build(b: _Builder) -> Manifest:
     if not meta_tp or not meta_pp:  # older DeepSpeed: infer from names
         meta_tp = tp_from_layers or (meta_mp if not pipeline else 1)
         meta_pp = meta_mp // meta_tp if meta_tp else 1
-    # zero stage
-    optim_sd0 = None
-    if f.optim:
-        ofile = f.optim[min(f.optim)]
-        optim_sd0 = b.load(ofile)
-        osd = optim_sd0.get("optimizer_state_dict") if isinstance(optim_sd0, Mapping) else None
-        if not isinstance(osd, Mapping):
-            raise CheckpointError(
-                f"{b.path(ofile)}: key 'optimizer_state_dict' is "
-                f"{'missing' if osd is None else type(osd).__name__}; an optimizer shard holds "
-                "it (the file is damaged or not a DeepSpeed optimizer shard)"
-            )
-        stage_val = osd.get("zero_stage")
-        if stage_val is None and not ofile.startswith("bf16_"):
-            raise CheckpointError(
-                f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is missing; a ZeRO "
-                "optimizer shard records it (only DeepSpeed's bf16 optimizer, whose files start "
-                "with bf16_, does not): the file is damaged"
-            )
-        if stage_val is None:
-            # DeepSpeed's BF16_Optimizer (bf16 + ZeRO 1 + fp32 gradient accumulation, or the
-            # pipeline engine's bf16 at ZeRO 0) does not record the stage: the config does
-            zero_stage, wrapper = _configured_stage(optim_sd0, first), "bf16_optimizer"
-        else:
-            try:
-                zero_stage, wrapper = int(stage_val), "zero"
-            except (TypeError, ValueError):
-                zero_stage = -1
-            if zero_stage not in (0, 1, 2, 3):
-                raise CheckpointError(
-                    f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is "
-                    f"{str(stage_val)[:40]!r}, not a ZeRO stage 0-3; the file is damaged"
-                )
-    else:
-        zero_stage = 0
+    return meta_dp, meta_mp, meta_tp, meta_pp
+
+
+def _zero_stage(b: _Builder, first: Mapping[str, Any]) -> tuple[int, str]:
+    """(ZeRO stage, optimizer wrapper) from the first optimizer file, else ZeRO 0 (its
+    optimizer in the model file)."""
+    from lightning_reshape.checkpoint.formats import bf16_optimizer
+
+    f = b.files
+    if not f.optim:
         opt = first.get("optimizer")
         wrapper = "none"
         if isinstance(opt, Mapping) and "fp32_groups" in opt:
             wrapper = "fp16_optimizer"
-    if zero3 and zero_stage != 3:
+        return 0, wrapper
+    ofile = f.optim[min(f.optim)]
+    optim_sd0 = b.load(ofile)
+    osd = optim_sd0.get("optimizer_state_dict") if isinstance(optim_sd0, Mapping) else None
+    if not isinstance(osd, Mapping):
+        raise CheckpointError(
+            f"{b.path(ofile)}: key 'optimizer_state_dict' is "
+            f"{'missing' if osd is None else type(osd).__name__}; an optimizer shard holds "
+            "it (the file is damaged or not a DeepSpeed optimizer shard)"
+        )
+    stage_val = osd.get("zero_stage")
+    if stage_val is None and not ofile.startswith("bf16_"):
+        raise CheckpointError(
+            f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is missing; a ZeRO "
+            "optimizer shard records it (only DeepSpeed's bf16 optimizer, whose files start "
+            "with bf16_, does not): the file is damaged"
+        )
+    if stage_val is None:
+        # DeepSpeed's BF16_Optimizer (bf16 + ZeRO 1 + fp32 gradient accumulation, or the
+        # pipeline engine's bf16 at ZeRO 0) does not record the stage: the config does
+        return bf16_optimizer.configured_stage(optim_sd0, first), "bf16_optimizer"
+    try:
+        zero_stage = int(stage_val)
+    except (TypeError, ValueError):
+        zero_stage = -1
+    if zero_stage not in (0, 1, 2, 3):
+        raise CheckpointError(
+            f"{b.path(ofile)}: key optimizer_state_dict.zero_stage is "
+            f"{str(stage_val)[:40]!r}, not a ZeRO stage 0-3; the file is damaged"
+        )
+    return zero_stage, "zero"
+
+
+def _topology(
+    b: _Builder, first: Mapping[str, Any], mp_ranks: Sequence[int]
+) -> tuple[SourceTopology, str, Sidecar | None]:
+    """The saved layout, checked against the files present and our sidecar; (topology,
+    optimizer wrapper, sidecar)."""
+    from lightning_reshape.checkpoint.formats import pipeline
+
+    f = b.files
+    dp, mp, tp, pp = _degrees(b, first)
+    zero_stage, wrapper = _zero_stage(b, first)
+    if f.z3_model and zero_stage != 3:
         raise CheckpointError(
             f"{b.tag_dir}: has ZeRO-3 model files but optimizer files say stage {zero_stage}; "
             "files from different saves?"
         )
+    _check_shards(b, dp, mp, tp, pp, len(mp_ranks))
+    sidecar = read_sidecar(b.tag_dir)
+    if f.layers:
+        pipeline.read_ties(b, sidecar)
+    if sidecar is not None:
+        _check_sidecar(b, sidecar, (tp, pp, dp, zero_stage))
+    topo = SourceTopology(
+        tp=tp,
+        pp=pp,
+        dp=dp,
+        zero_stage=zero_stage,
+        source="sidecar" if sidecar is not None else "deepspeed",
+    )
+    _check_expected(b, topo, wrapper)
+    return topo, wrapper, sidecar
+
+
+def _check_shards(b: _Builder, dp: int, mp: int, tp: int, pp: int, mp_on_disk: int) -> None:
+    """Every shard DeepSpeed's metadata expects is present, and the degrees agree."""
+    f = b.files
+    zero3 = bool(f.z3_model)
     file_dp = (
-        len({dp for dp, _ in f.optim})
+        len({d for d, _ in f.optim})
         if f.optim
-        else (len({dp for dp, _ in f.z3_model}) if zero3 else None)
+        else (len({d for d, _ in f.z3_model}) if zero3 else None)
     )
     missing = []
-    for mp in range(meta_mp):
-        for dp in range(meta_dp):
-            if zero3 and (dp, mp) not in f.z3_model:
-                missing.append(f"zero_pp_rank_{dp}_mp_rank_{mp:02d}_model_states.pt")
-            if f.optim and (dp, mp) not in f.optim:
+    for m in range(mp):
+        for d in range(dp):
+            if zero3 and (d, m) not in f.z3_model:
+                missing.append(f"zero_pp_rank_{d}_mp_rank_{m:02d}_model_states.pt")
+            if f.optim and (d, m) not in f.optim:
                 prefix = "bf16_" if f.bf16_prefix else ""
-                missing.append(f"{prefix}zero_pp_rank_{dp}_mp_rank_{mp:02d}_optim_states.pt")
-        if not zero3 and mp not in f.model:
-            missing.append(f"mp_rank_{mp:02d}_model_states.pt")
+                missing.append(f"{prefix}zero_pp_rank_{d}_mp_rank_{m:02d}_optim_states.pt")
+        if not zero3 and m not in f.model:
+            missing.append(f"mp_rank_{m:02d}_model_states.pt")
     if missing:
         raise CheckpointError(
             f"{b.path(missing[0])}: missing shard"
             + (f" (and {len(missing) - 1} more: {', '.join(missing[1:4])})" if missing[1:] else "")
-            + f"; DeepSpeed's metadata (dp_world_size={meta_dp}, mp_world_size={meta_mp}) "
+            + f"; DeepSpeed's metadata (dp_world_size={dp}, mp_world_size={mp}) "
             "expects it. Re-copy the checkpoint from its original location"
         )
+    tp_from_layers = len({t for _, t in f.layers}) if f.layers else 0
     problems = []
-    if meta_tp * meta_pp != meta_mp:
-        problems.append(f"mp_world_size={meta_mp} but tp_degree*pp_degree={meta_tp * meta_pp}")
-    if len(mp_ranks) != meta_mp:
-        problems.append(f"mp_world_size={meta_mp} but {len(mp_ranks)} model-parallel ranks on disk")
-    if pipeline and tp_from_layers != meta_tp:
-        problems.append(f"tp_degree={meta_tp} but layer files for {tp_from_layers} tp ranks")
-    if file_dp is not None and file_dp != meta_dp:
-        problems.append(f"dp_world_size={meta_dp} but ZeRO files for {file_dp} dp ranks")
+    if tp * pp != mp:
+        problems.append(f"mp_world_size={mp} but tp_degree*pp_degree={tp * pp}")
+    if mp_on_disk != mp:
+        problems.append(f"mp_world_size={mp} but {mp_on_disk} model-parallel ranks on disk")
+    if f.layers and tp_from_layers != tp:
+        problems.append(f"tp_degree={tp} but layer files for {tp_from_layers} tp ranks")
+    if file_dp is not None and file_dp != dp:
+        problems.append(f"dp_world_size={dp} but ZeRO files for {file_dp} dp ranks")
     if problems:
         raise CheckpointError(
             f"{b.tag_dir}: DeepSpeed's metadata disagrees with the files present: "
             + "; ".join(problems)
             + " (a shard is missing or files from different saves are mixed)"
         )
-    sidecar = read_sidecar(b.tag_dir)
-    record = (sidecar.extra.get("pipeline") if sidecar is not None else None) or {}
-    if pipeline and record.get("ties") and record.get("parts"):
-        b.ties = {str(k): dict(v) for k, v in record["ties"].items()}
-        b.src_parts = [int(x) for x in record["parts"]]
-    if sidecar is not None:
-        mism = [
-            f"{k}: sidecar {a} vs deepspeed {c}"
-            for k, a, c in (
-                ("tp", sidecar.tp, meta_tp),
-                ("pp", sidecar.pp, meta_pp),
-                ("dp", sidecar.dp, meta_dp),
-                ("zero_stage", sidecar.zero_stage, zero_stage),
-            )
-            if a != c
-        ]
-        if mism:
-            raise CheckpointError(
-                f"{b.path(SIDECAR_NAME)}: disagrees with DeepSpeed's own metadata "
-                f"({'; '.join(mism)}); "
-                "the sidecar belongs to another save: delete it or rewrite it"
-            )
-    topo = SourceTopology(
-        tp=meta_tp,
-        pp=meta_pp,
-        dp=meta_dp,
-        zero_stage=zero_stage,
-        source="sidecar" if sidecar is not None else "deepspeed",
-    )
-    # expected files present?
+
+
+def _check_sidecar(b: _Builder, sidecar: Sidecar, degrees: tuple[int, int, int, int]) -> None:
+    """Our sidecar must describe this save: (tp, pp, dp, zero_stage) as DeepSpeed says."""
+    tp, pp, dp, zero_stage = degrees
+    mism = [
+        f"{k}: sidecar {a} vs deepspeed {c}"
+        for k, a, c in (
+            ("tp", sidecar.tp, tp),
+            ("pp", sidecar.pp, pp),
+            ("dp", sidecar.dp, dp),
+            ("zero_stage", sidecar.zero_stage, zero_stage),
+        )
+        if a != c
+    ]
+    if mism:
+        raise CheckpointError(
+            f"{b.path(SIDECAR_NAME)}: disagrees with DeepSpeed's own metadata "
+            f"({'; '.join(mism)}); "
+            "the sidecar belongs to another save: delete it or rewrite it"
+        )
+
+
+def _check_expected(b: _Builder, topo: SourceTopology, wrapper: str) -> None:
+    """Every file the layout needs is present (ZeRO 3 model files, optimizer files)."""
+    f = b.files
+    zero3 = bool(f.z3_model)
     for mp in range(topo.mp):
         for dp in range(topo.dp):
             if zero3 and (dp, mp) not in f.z3_model:
@@ -1022,7 +1141,7 @@ def _build(b: _Builder) -> Manifest:
                     "missing shard "
                     f"(expected {topo.dp} dp x {topo.mp} mp model files)"
                 )
-            if zero_stage >= 1 or wrapper == "bf16_optimizer":
+            if topo.zero_stage >= 1 or wrapper == "bf16_optimizer":
                 if (dp, mp) not in f.optim:
                     prefix = "bf16_" if f.bf16_prefix else ""
                     raise CheckpointError(
@@ -1031,12 +1150,17 @@ def _build(b: _Builder) -> Manifest:
                     )
         if not zero3 and mp not in f.model:
             raise CheckpointError(f"{b.path(f'mp_rank_{mp:02d}_model_states.pt')}: missing shard")
-    # consistency across saves
+
+
+def _check_one_save(
+    b: _Builder, main_files: Mapping[int, str], topo: SourceTopology, first: Mapping[str, Any]
+) -> None:
+    """All model files come from one save (same steps, samples and DeepSpeed version), and the
+    tag's step, if it names one, is theirs."""
+    f = b.files
     steps: dict[str, Any] = {}
-    for mp in mp_ranks:
-        names = [main_files[mp]] + (
-            [f.z3_model[(dp, mp)] for dp in range(1, topo.dp)] if zero3 else []
-        )
+    for mp, main in sorted(main_files.items()):
+        names = [main] + ([f.z3_model[(dp, mp)] for dp in range(1, topo.dp)] if f.z3_model else [])
         for name in names:
             sd = b.load(name)
             if not isinstance(sd, Mapping) or "buffer_names" not in sd:
@@ -1052,674 +1176,55 @@ def _build(b: _Builder) -> Manifest:
     m = TAG_HINT.match(b.loc.tag)
     if m and global_steps is not None and int(m.group(1)) != int(global_steps):
         raise CheckpointError(
-            f"{b.path(main_files[mp_ranks[0]])}: says global_steps={global_steps} but lies in tag "
-            f"{b.loc.tag!r}; files from different saves?"
-        )
-    uc_info = first.get("universal_checkpoint_info")
-
-    # ---- per mp rank: parameters, buffers, masters, optimizer states ----
-    model_dtype = None
-    for mp in mp_ranks:
-        pp_stage, tp_rank = divmod(mp, topo.tp)
-        sd = b.load(main_files[mp])
-        buffer_names = list(sd.get("buffer_names") or [])
-        shared = sd.get("shared_params") or {}
-        for alias, source in shared.items():
-            b.aliases.setdefault(alias, source)
-        param_shapes = sd.get("param_shapes")
-        if pipeline and not b.ties:
-            _refuse_tied_modules(b, main_files[mp], param_shapes)
-        frozen_shapes = sd.get("frozen_param_shapes") or {}
-        b.frozen.update(frozen_shapes)
-        trainable: list[tuple[int, str, tuple[int, ...]]] = []  # (group, name, shape)
-        if param_shapes:
-            for g, group in enumerate(param_shapes):
-                for name, shape in group.items():
-                    trainable.append((g, name, _shape(shape)))
-        module_params = _module_params(
-            b, sd, main_files[mp], tp_rank, pp_stage, pipeline, buffer_names
-        )
-        if not pipeline:
-            module_keys = set(sd.get("module") or ())
-            for alias, source in list(b.aliases.items()):
-                if alias in module_keys and source not in module_keys:
-                    # saved with exclude_frozen_parameters=True: the frozen parameter's first
-                    # name was dropped from the module, its tied second name kept the data
-                    del b.aliases[alias]
-                    b.excluded_frozen = True
-        if zero_stage >= 2 and sd.get("frozen_param_shapes") is None:
-            b.excluded_frozen = True  # DeepSpeed writes {} when there is nothing to exclude
-        if zero_stage == 3:
-            _zero3_frozen(b, f, mp, topo, tp_rank, pp_stage, frozen_shapes)
-        else:
-            for name, (file, key, tensor, layer) in module_params.items():
-                if name in b.aliases:
-                    continue
-                _whole(b, name, ROLE_PARAM, None, file, key, tensor, tp_rank, pp_stage, layer)
-                if model_dtype is None or tensor.is_floating_point():
-                    model_dtype = _dtype_name(tensor.dtype)
-        if zero_stage == 3:
-            model_dtype = model_dtype or _z3_model_dtype(b, f, mp)
-        trainable_names = {n for _, n, _ in trainable}
-        if param_shapes:
-            for name in module_params:
-                if name not in trainable_names and name not in b.aliases:
-                    b.frozen.add(name)
-        # optimizer
-        if f.optim and zero_stage in (1, 2) or wrapper == "bf16_optimizer":
-            _zero12_optim(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
-        elif zero_stage == 3:
-            _zero3_optim(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
-        else:
-            _zero0_optim(b, sd, main_files[mp], tp_rank, pp_stage, module_params)
-        # non-tensor state (first tp rank of each stage is enough; record all for copying)
-        for key in DS_CARRIED_KEYS:
-            if key in sd:
-                b.refs.append(
-                    StateRef(name=key, file=main_files[mp], key=(key,), summary=_summary(sd[key]))
-                )
-        for key in sd:
-            if key not in DS_MODEL_KEYS:
-                b.refs.append(
-                    StateRef(
-                        name=f"client:{key}",
-                        file=main_files[mp],
-                        key=(key,),
-                        summary=_summary(sd[key]),
-                    )
-                )
-
-    tensors = _finish(b, sidecar, uc_info, topo)
-    client_keys = tuple(k for k in first if k not in DS_MODEL_KEYS)
-    layout = b.loc.layout if not pipeline else f"{b.loc.layout}-pipeline"
-    all_files = sorted(
-        [*f.model.values(), *f.z3_model.values(), *f.optim.values(), *f.layers.values()]
-    )
-    return Manifest(
-        root=b.tag_dir,
-        layout=layout,
-        tag=b.loc.tag,
-        topology=topo,
-        model_dtype=model_dtype or "unknown",
-        optimizer_wrapper=wrapper,
-        tensors=tensors,
-        scalars=tuple(b.scalars),
-        state_refs=tuple(b.refs),
-        aliases=tuple(sorted(b.aliases.items())),
-        files=tuple(all_files),
-        client_state_keys=client_keys,
-        global_steps=int(global_steps) if global_steps is not None else None,
-        ds_version=first.get("ds_version"),
-        trusted=b.trust,
-        extra={
-            "bf16_prefixed_files": f.bf16_prefix,
-            "elastic_checkpoint": b.elastic,
-            "frozen": tuple(sorted(b.frozen)),
-            "zero0_groups": dict(b.zero0_groups),
-            "excluded_frozen": b.excluded_frozen,
-            "frozen_recorded": zero_stage >= 2 and first.get("frozen_param_shapes") is not None,
-            "client_summary": {k: _summary(first[k]) for k in client_keys},
-            "client_scalars": {
-                k: first[k] for k in client_keys if isinstance(first[k], (int, float, str, bool))
-            },
-            **({"pipeline_layers": _pipeline_layers(f, sidecar)} if pipeline else {}),
-        },
-    )
-
-
-def _pipeline_layers(f: _Files, sidecar: Sidecar | None) -> dict[str, Any]:
-    """Which pipeline layers are modules (DeepSpeed writes a layer file for each, parameters or
-    not, and expects each at load) and how many layers the list holds (functions after the
-    last module are only known from our sidecar)."""
-    modules = {layer for layer, _ in f.layers}
-    record = (sidecar.extra.get("pipeline") if sidecar is not None else None) or {}
-    modules.update(int(x) for x in record.get("module_layers", ()))
-    count = max(modules) + 1 if modules else 0
-    count = max(count, int(record.get("num_layers", 0) or 0))
-    ties = {
-        str(k): {"layers": tuple(v.get("layers", ())), "module_layers": tuple(v["module_layers"])}
-        for k, v in (record.get("ties") or {}).items()
-    }
-    return {"module_layers": tuple(sorted(modules)), "num_layers": count, "ties": ties}
-
-
-def _configured_stage(optim_sd: Any, model_sd: Mapping[str, Any]) -> int:
-    """``zero_optimization.stage`` of the config saved with the files (0 when absent)."""
-    for sd in (optim_sd, model_sd):
-        cfg = sd.get("ds_config") if isinstance(sd, Mapping) else None
-        if isinstance(cfg, Mapping):
-            zcfg = cfg.get("zero_optimization") or {}
-            if isinstance(zcfg, Mapping):
-                return int(zcfg.get("stage", 0) or 0)
-    return 0
-
-
-def _refuse_tied_modules(b: _Builder, file: str, param_shapes: Any) -> None:
-    """Pipeline ``TiedLayerSpec`` modules are saved once, in the layer file of their first use,
-    but held (and optimized) by every stage that uses them; which stages those are is not in the
-    checkpoint, so no target layout can be derived: refuse rather than guess."""
-    tied = sorted({n for g in param_shapes or [] for n in g if str(n).startswith("tied_modules.")})
-    if tied:
-        raise CheckpointError(
-            f"{b.path(file)}: pipeline parameters {tied[:3]} belong to TiedLayerSpec modules; "
-            "the checkpoint does not record which stages use a tied module, so it cannot be "
-            "reshaped (pipeline models without tied layers can; checkpoints saved by "
-            "ReshapeDeepSpeedStrategy record the ties in their sidecar)"
+            f"{b.path(main_files[min(main_files)])}: says global_steps={global_steps} but lies in "
+            f"tag {b.loc.tag!r}; files from different saves?"
         )
 
 
-def _z3_model_dtype(b: _Builder, f: _Files, mp: int) -> str:
-    sd = b.load(f.z3_model[(0, mp)])
-    buffers = set(sd.get("buffer_names") or [])
-    for name, t in (sd.get("module") or {}).items():
-        if name not in buffers and is_tensor(t) and t.is_floating_point():
-            return _dtype_name(t.dtype)
-    return "unknown"
-
-
-def _module_params(
+def _read_mp_rank(
     b: _Builder,
-    sd: Mapping[str, Any],
     file: str,
-    tp_rank: int,
-    pp_stage: int,
-    pipeline: bool,
-    buffer_names: list[str],
-) -> dict[str, tuple[str, KeyPath, TensorRef, int | None]]:
-    """name -> (file, key path, tensor, layer) for every module parameter; records buffers."""
-    out: dict[str, tuple[str, KeyPath, TensorRef, int | None]] = {}
-    buffers = set(buffer_names)
-    if not pipeline:
-        module = sd.get("module")
-        if not isinstance(module, Mapping):
-            raise CheckpointError(f"{b.path(file)}: 'module' is missing")
-        seen: dict[Any, str] = {}
-        for name, tensor in module.items():
-            if not is_tensor(tensor):
-                continue
-            if name in buffers:
-                _whole(
-                    b, name, ROLE_BUFFER, None, file, ("module", name), tensor, tp_rank, pp_stage
-                )
-                continue
-            if tensor.numel() > 0:
-                skey = torchfile.storage_key(tensor)
-                if skey in seen and name not in b.aliases:
-                    b.aliases[name] = seen[skey]  # tied weight saved twice (ZeRO 0 has no list)
-                seen.setdefault(skey, name)
-            out[name] = (file, ("module", name), tensor, None)
-        return out
-    # pipeline: this stage's layers are the layer files named by its params / buffers
-    layer_ids = sorted({layer for layer, _ in b.files.layers})
-    stage_layers = _stage_layers(b, sd, layer_ids, buffer_names)
-    for layer in stage_layers:
-        if (layer, tp_rank) not in b.files.layers:
-            raise CheckpointError(
-                f"{b.path(f'layer_{layer:02d}-model_{tp_rank:02d}-model_states.pt')}: "
-                "missing shard "
-                f"(pipeline stage {pp_stage} holds layer {layer})"
-            )
-        lfile = b.files.layers[(layer, tp_rank)]
-        lsd = b.load(lfile)
-        tie = next((k for k, t in b.ties.items() if layer in t.get("module_layers", ())), None)
-        for local, tensor in lsd.items():
-            if not is_tensor(tensor):
-                continue
-            name = f"{layer}.{local}" if tie is None else f"{TIED_PREFIX}{tie}.{local}"
-            if name in buffers:
-                _whole(
-                    b, name, ROLE_BUFFER, None, lfile, (local,), tensor, tp_rank, pp_stage, layer
-                )
-            else:
-                out[name] = (lfile, (local,), tensor, layer)
-    return out
-
-
-def _stage_layers(
-    b: _Builder, sd: Mapping[str, Any], layer_ids: list[int], buffer_names: list[str]
-) -> list[int]:
-    """Which pipeline layers a stage holds, from its param_shapes / buffers / optimizer."""
-    owned: set[int] = set()
-    for group in sd.get("param_shapes") or []:
-        owned.update(int(n.split(".", 1)[0]) for n in group if not n.startswith(TIED_PREFIX))
-        tied = {n.split(".", 2)[1] for n in group if n.startswith(TIED_PREFIX)}
-        if tied and owned:
-            # the tie's module layers inside this stage's range (our sidecar's record)
-            stage = next(i for i in range(len(b.src_parts) - 1) if b.src_parts[i + 1] > min(owned))
-            lo, hi = b.src_parts[stage], b.src_parts[stage + 1]
-            for key in tied:
-                owned.update(x for x in b.ties[key].get("module_layers", ()) if lo <= x < hi)
-    owned.update(int(n.split(".", 1)[0]) for n in buffer_names if n.split(".", 1)[0].isdigit())
-    opt = sd.get("optimizer")
-    if not owned and not opt:
-        raise CheckpointError(
-            f"{b.tag_dir}: cannot tell which pipeline layers each stage holds (no param_shapes, "
-            "buffers or optimizer state); add a lightning_reshape.json sidecar"
-        )
-    if opt and not sd.get("param_shapes"):
-        # ZeRO 0: stages hold contiguous runs of layers in order and the stage's optimizer
-        # lists its parameters; take the run after the previous stage's whose count matches.
-        inner = opt.get("optimizer_state_dict", opt)
-        n_params = sum(len(g["params"]) for g in inner.get("param_groups") or [])
-        start = b.next_layer
-        buffers = set(buffer_names)
-        run, total = [], 0
-        for layer in (x for x in layer_ids if x >= start):
-            if total == n_params and run:
-                break
-            if (layer, 0) not in b.files.layers:
-                raise CheckpointError(
-                    f"{b.path(f'layer_{layer:02d}-model_00-model_states.pt')}: missing shard"
-                )
-            lsd = b.load(b.files.layers[(layer, 0)])
-            run.append(layer)
-            total += sum(
-                1 for k, v in lsd.items() if is_tensor(v) and f"{layer}.{k}" not in buffers
-            )
-        if total != n_params:
-            raise CheckpointError(
-                f"{b.tag_dir}: cannot match pipeline layers to stages from the optimizer state; "
-                "add a lightning_reshape.json sidecar"
-            )
-        b.next_layer = run[-1] + 1 if run else start
-        return run
-    return sorted(owned)
-
-
-def _zero3_frozen(
-    b: _Builder,
-    f: _Files,
     mp: int,
     topo: SourceTopology,
-    tp_rank: int,
-    pp_stage: int,
-    frozen_shapes: Mapping[str, Any],
-) -> None:
-    for name, shape in frozen_shapes.items():
-        shape_t = _shape(shape)
-        numel = _prod(shape_t)
-        part = math.ceil(numel / topo.dp)
-        for dp in range(topo.dp):
-            file = f.z3_model[(dp, mp)]
-            frag = b.load(file).get("frozen_param_fragments", {}).get(name)
-            if frag is None:
-                raise CheckpointError(f"{b.path(file)}: frozen parameter {name} fragment missing")
-            take = max(0, min(part, numel - dp * part))
-            if take:
-                b.add(
-                    name,
-                    ROLE_PARAM,
-                    None,
-                    Piece(
-                        file=file,
-                        key=("frozen_param_fragments", name),
-                        tp_rank=tp_rank,
-                        numel=take,
-                        src_offset=0,
-                        dst_offset=dp * part,
-                        local_shape=shape_t,
-                        pp_stage=pp_stage,
-                        dp_rank=dp,
-                    ),
-                    frag.dtype,
-                )
+    wrapper: str,
+    model_dtype: str | None,
+) -> str | None:
+    """One source mp rank: its module weights, buffers, frozen names, fp32 masters, optimizer
+    states and non-tensor state, each format reading its part; the model dtype so far."""
+    from lightning_reshape.checkpoint.formats import model_states, pipeline, zero0, zero3, zero12
 
-
-def _flat_state_keys(state: Mapping[Any, Any], g: int, numel: int) -> tuple[list[str], list[str]]:
-    """(flat tensor keys, scalar keys) of a flat group's optimizer state.
-
-    The last rank's fp32 partition has its padding stripped but its optimizer states do not,
-    so a flat state may be longer than ``numel``.
-    """
-    st = state.get(g, {})
-    flat, scalar = [], []
-    for k, v in st.items():
-        if is_tensor(v) and v.dim() >= 1 and v.numel() >= numel:
-            flat.append(k)
-        else:
-            scalar.append(k)
-    return flat, scalar
-
-
-def _zero12_optim(
-    b: _Builder,
-    f: _Files,
-    mp: int,
-    topo: SourceTopology,
-    tp_rank: int,
-    pp_stage: int,
-    param_shapes: Sequence[Mapping[str, Any]] | None,
-) -> None:
-    if not param_shapes:
-        raise CheckpointError(
-            f"{b.path(f'mp_rank_{mp:02d}_model_states.pt')}: ZeRO optimizer files present but no "
-            "param_shapes in the model file; files from different saves?"
-        )
-    sds = {dp: b.load(f.optim[(dp, mp)]) for dp in range(topo.dp)}
-    osd0 = sds[0]["optimizer_state_dict"]
-    n_groups = len(osd0["single_partition_of_fp32_groups"])
-    if n_groups != len(param_shapes):
-        raise CheckpointError(
-            f"{b.path(f.optim[(0, mp)])}: {n_groups} flat groups but the model file lists "
-            f"{len(param_shapes)}; files from different saves?"
-        )
-    align_pads = osd0.get("param_alignment_paddings")
-    steps_seen: dict[str, Any] = {}
-    for g, group in enumerate(param_shapes):
-        # partition size: every rank's partition is the same length before padding is stripped
-        parts = {}
-        for dp, sd in sds.items():
-            osd = sd["optimizer_state_dict"]
-            t = osd["single_partition_of_fp32_groups"][g]
-            pad = (osd.get("group_paddings") or [0] * n_groups)[g]
-            parts[dp] = (t, pad)
-        # ZeRO 1/2 strip the tail padding from the saved partition; BF16_Optimizer keeps it
-        keeps_padding = "zero_stage" not in osd0
-        psize = parts[0][0].numel() + (0 if keeps_padding else parts[0][1])
-        if any(t.numel() + (0 if keeps_padding else pad) != psize for t, pad in parts.values()):
-            raise CheckpointError(
-                f"{b.path(f.optim[(0, mp)])}: ZeRO partitions of group {g} have different sizes "
-                "across dp ranks; files from different saves?"
-            )
-        offsets: dict[str, tuple[int, int, tuple[int, ...]]] = {}
-        off = 0
-        for i, (name, shape) in enumerate(group.items()):
-            shape_t = _shape(shape)
-            n = _prod(shape_t)
-            offsets[name] = (off, n, shape_t)
-            off += n
-            if align_pads is not None:
-                off += align_pads[g][i]
-        if off > psize * topo.dp:
-            raise CheckpointError(
-                f"{b.path(f.optim[(0, mp)])}: group {g} needs {off} elements but the partitions "
-                f"hold {psize * topo.dp}; files from different saves?"
-            )
-        for dp, sd in sds.items():
-            file = f.optim[(dp, mp)]
-            osd = sd["optimizer_state_dict"]
-            flat = parts[dp][0]
-            base = osd["base_optimizer_state"]
-            if isinstance(base, Mapping):
-                base_state = base["state"]
-                state_prefix: KeyPath = ("optimizer_state_dict", "base_optimizer_state", "state")
-            else:
-                # zero_optimization.elastic_checkpoint: a list of per-group states (padding
-                # stripped, no param_groups) instead of the torch optimizer's state_dict
-                b.elastic = True
-                base_state = dict(enumerate(base))
-                state_prefix = ("optimizer_state_dict", "base_optimizer_state")
-            flat_keys, scalar_keys = _flat_state_keys(base_state, g, flat.numel())
-            _record_scalars(
-                b, base_state[g], scalar_keys, mp, g, file, (*state_prefix, g), steps_seen,
-            )  # fmt: skip
-            lo, hi = dp * psize, dp * psize + flat.numel()
-            for name, (poff, n, shape_t) in offsets.items():
-                s, e = max(poff, lo), min(poff + n, hi)
-                if s >= e:
-                    continue
-                common = {
-                    "tp_rank": tp_rank,
-                    "numel": e - s,
-                    "src_offset": s - lo,
-                    "dst_offset": s - poff,
-                    "local_shape": shape_t,
-                    "pp_stage": pp_stage,
-                    "dp_rank": dp,
-                    "flat_group": g,
-                }
-                b.add(
-                    name,
-                    ROLE_FP32,
-                    None,
-                    Piece(
-                        file=file,
-                        key=("optimizer_state_dict", "single_partition_of_fp32_groups", g),
-                        **common,
-                    ),
-                    flat.dtype,
-                )
-                for k in flat_keys:
-                    b.add(
-                        name,
-                        ROLE_OPTIM,
-                        k,
-                        Piece(
-                            file=file,
-                            key=(*state_prefix, g, k),
-                            **common,
-                        ),
-                        base_state[g][k].dtype,
-                    )
-    _check_steps(b, steps_seen)
-    for dp, sd in sds.items():
-        _optim_refs(b, f.optim[(dp, mp)], sd["optimizer_state_dict"], ("optimizer_state_dict",))
-
-
-def _record_scalars(
-    b: _Builder,
-    state: Mapping[str, Any],
-    keys: list[str],
-    mp: int,
-    g: int,
-    file: str,
-    key_prefix: tuple[Any, ...],
-    steps_seen: dict[str, Any],
-) -> None:
-    """Record a flat group's scalar optimizer states; remember each ``step`` to compare ranks."""
-    for k in keys:
-        val = _scalar(state[k])
-        b.scalars.append(
-            ScalarState(
-                owner=f"mp{mp}.group{g}", state_key=k, value=val, file=file, key=(*key_prefix, k)
-            )
-        )
-        if k == "step":
-            steps_seen.setdefault(f"group{g}", set()).add((val, file))
-
-
-def _check_steps(b: _Builder, steps_seen: Mapping[str, set[tuple[Any, str]]]) -> None:
-    for group, seen in steps_seen.items():
-        values = {v for v, _ in seen}
-        if len(values) > 1:
-            detail = ", ".join(f"{b.path(fl)}: step={v}" for v, fl in sorted(seen, key=str))
-            raise CheckpointError(
-                f"optimizer files disagree on the step count of {group} ({detail}); files from "
-                "different saves are mixed in one tag"
-            )
-
-
-def _optim_refs(b: _Builder, file: str, osd: Mapping[str, Any], prefix: KeyPath) -> None:
-    for k in OPTIM_CARRIED_KEYS:
-        if k in osd:
-            b.refs.append(
-                StateRef(
-                    name=f"optimizer:{k}", file=file, key=(*prefix, k), summary=_summary(osd[k])
-                )
-            )
-    for inner in ("base_optimizer_state", "optimizer_state_dict"):
-        if isinstance(osd.get(inner), Mapping) and "param_groups" in osd[inner]:
-            b.refs.append(
-                StateRef(
-                    name="optimizer:param_groups",
-                    file=file,
-                    key=(*prefix, inner, "param_groups"),
-                    summary=_summary(osd[inner]["param_groups"]),
-                )
-            )
-
-
-def _zero3_optim(
-    b: _Builder,
-    f: _Files,
-    mp: int,
-    topo: SourceTopology,
-    tp_rank: int,
-    pp_stage: int,
-    param_shapes: Sequence[Mapping[str, Any]] | None,
-) -> None:
-    if not param_shapes:
-        raise CheckpointError(f"{b.tag_dir}: ZeRO-3 model files lack param_shapes")
-    ordered = [(n, _shape(s)) for group in param_shapes for n, s in group.items()]
-    steps_seen: dict[str, Any] = {}
-    for dp in range(topo.dp):
-        file = f.optim[(dp, mp)]
-        osd = b.load(file)["optimizer_state_dict"]
-        groups = osd["fp32_flat_groups"]
-        inner = osd["optimizer_state_dict"]["state"]
-        bounds = [0]
-        for t in groups:
-            bounds.append(bounds[-1] + t.numel())
-        flat_keys: dict[int, list[str]] = {}
-        for g, t in enumerate(groups):
-            fk, sk = _flat_state_keys(inner, g, t.numel())
-            flat_keys[g] = fk
-            _record_scalars(
-                b, inner[g], sk, mp, g, file,
-                ("optimizer_state_dict", "optimizer_state_dict", "state", g), steps_seen,
-            )  # fmt: skip
-        cursor = 0
-        for name, shape in ordered:
-            n = _prod(shape)
-            part = math.ceil(n / topo.dp)
-            take = max(0, min(part, n - dp * part))
-            # the rank's partition of this param sits at [cursor, cursor + part) of the flat
-            # buffer (concatenated over sub-groups); split it at sub-group boundaries
-            pos, done = cursor, 0
-            while done < take:
-                g = next(i for i in range(len(groups)) if bounds[i] <= pos < bounds[i + 1])
-                chunk = min(take - done, bounds[g + 1] - pos)
-                common = {
-                    "tp_rank": tp_rank,
-                    "numel": chunk,
-                    "src_offset": pos - bounds[g],
-                    "dst_offset": dp * part + done,
-                    "local_shape": shape,
-                    "pp_stage": pp_stage,
-                    "dp_rank": dp,
-                    "flat_group": g,
-                }
-                b.add(
-                    name,
-                    ROLE_FP32,
-                    None,
-                    Piece(file=file, key=("optimizer_state_dict", "fp32_flat_groups", g), **common),
-                    groups[g].dtype,
-                )
-                for k in flat_keys[g]:
-                    b.add(
-                        name,
-                        ROLE_OPTIM,
-                        k,
-                        Piece(
-                            file=file,
-                            key=("optimizer_state_dict", "optimizer_state_dict", "state", g, k),
-                            **common,
-                        ),
-                        inner[g][k].dtype,
-                    )
-                pos += chunk
-                done += chunk
-            cursor += part
-        if cursor > bounds[-1]:
-            raise CheckpointError(
-                f"{b.path(file)}: parameters need {cursor} elements but the flat groups hold "
-                f"{bounds[-1]}; files from different saves?"
-            )
-        _optim_refs(b, file, osd, ("optimizer_state_dict",))
-    _check_steps(b, steps_seen)
-
-
-def _zero0_optim(
-    b: _Builder,
-    sd: Mapping[str, Any],
-    file: str,
-    tp_rank: int,
-    pp_stage: int,
-    module_params: Mapping[str, tuple[str, KeyPath, TensorRef, int | None]],
-) -> None:
-    """ZeRO 0: a plain torch optimizer state dict (or FP16_Optimizer's wrapper of one)."""
-    opt = sd.get("optimizer")
-    if not isinstance(opt, Mapping):
-        # no optimizer saved: the fp32 master is the module weight
-        return
-    if "optimizer_state_dict" in opt:  # FP16_Optimizer / bf16 without ZeRO
-        inner_key: KeyPath = ("optimizer", "optimizer_state_dict")
-        inner = opt["optimizer_state_dict"]
-        fp32_groups = opt.get("fp32_groups") or opt.get("fp32_groups_flat")
+    f, zero_stage = b.files, topo.zero_stage
+    pp_stage, tp_rank = divmod(mp, topo.tp)
+    sd = b.load(file)
+    buffer_names = list(sd.get("buffer_names") or [])
+    for alias, source in (sd.get("shared_params") or {}).items():
+        b.aliases.setdefault(alias, source)
+    param_shapes = sd.get("param_shapes")
+    if f.layers and not b.ties:
+        pipeline.refuse_tied_modules(b, file, param_shapes)
+    frozen_shapes = sd.get("frozen_param_shapes") or {}
+    b.frozen.update(frozen_shapes)
+    if f.layers:
+        params = pipeline.layer_params(b, sd, tp_rank, pp_stage, buffer_names)
     else:
-        inner_key, inner, fp32_groups = ("optimizer",), opt, None
-    state = inner.get("state", {})
-    indices = [i for g in inner.get("param_groups", []) for i in g["params"]]
-    candidates = [
-        (n, v) for n, v in module_params.items() if n not in b.aliases and v[2].numel() > 0
-    ]
-    fp32_list: list[tuple[KeyPath, TensorRef]] = []
-    if fp32_groups is not None:
-        for g, grp in enumerate(fp32_groups):
-            if is_tensor(grp):
-                raise CheckpointError(
-                    f"{b.path(file)}: flat fp16 optimizer groups are not supported"
-                )
-            for i, t in enumerate(grp):
-                fp32_list.append(((*inner_key[:-1], "fp32_groups", g, i), t))
-    # match optimizer indices (in order) to module parameters (in order) by shape
-    ci = 0
-    index_names: dict[Any, str] = {}
-    for pos, idx in enumerate(indices):
-        ref_shape = None
-        st = state.get(idx, {})
-        for v in st.values():
-            if is_tensor(v) and v.dim() >= 1:
-                ref_shape = _shape(v.shape)
-                break
-        if ref_shape is None and pos < len(fp32_list):
-            ref_shape = _shape(fp32_list[pos][1].shape)
-        while ci < len(candidates):
-            name, (_, _, tensor, _) = candidates[ci]
-            ci += 1
-            if ref_shape is None or _shape(tensor.shape) == ref_shape:
-                break
-            b.frozen.add(name)
-        else:
-            raise CheckpointError(
-                f"{b.path(file)}: cannot match optimizer parameter {idx} (shape {ref_shape}) to a "
-                "module parameter; add a lightning_reshape.json sidecar"
-            )
-        index_names[idx] = name
-        if pos < len(fp32_list):
-            key, t = fp32_list[pos]
-            _whole(b, name, ROLE_FP32, None, file, key, t, tp_rank, pp_stage)
-        for k, v in st.items():
-            if is_tensor(v) and v.dim() >= 1:
-                _whole(
-                    b,
-                    name,
-                    ROLE_OPTIM,
-                    k,
-                    file,
-                    (*inner_key, "state", idx, k),
-                    v,
-                    tp_rank,
-                    pp_stage,
-                )
-            else:
-                b.scalars.append(
-                    ScalarState(
-                        owner=name,
-                        state_key=k,
-                        value=_scalar(v),
-                        file=file,
-                        key=(*inner_key, "state", idx, k),
-                    )
-                )
-    for name, _ in candidates[ci:]:
-        b.frozen.add(name)
-    # the optimizer's param groups by name: what ZeRO 1/2/3 would flatten, group by group
-    b.zero0_groups[file] = tuple(
-        tuple(index_names[i] for i in g["params"]) for g in inner.get("param_groups", [])
-    )
-    _optim_refs(b, file, opt, ("optimizer",))
+        params = model_states.module_params(b, sd, file, tp_rank, pp_stage, buffer_names)
+        model_states.drop_excluded_aliases(b, sd)
+    if zero_stage >= 2 and sd.get("frozen_param_shapes") is None:
+        b.excluded_frozen = True  # DeepSpeed writes {} when there is nothing to exclude
+    if zero_stage == 3:
+        zero3.read_frozen(b, f, mp, topo, tp_rank, pp_stage, frozen_shapes)
+        model_dtype = model_dtype or zero3.model_dtype(b, f, mp)
+    else:
+        model_dtype = model_states.record_weights(b, params, tp_rank, pp_stage, model_dtype)
+    model_states.record_frozen(b, param_shapes, params)
+    if f.optim and zero_stage in (1, 2) or wrapper == "bf16_optimizer":
+        zero12.read_optimizer(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
+    elif zero_stage == 3:
+        zero3.read_optimizer(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
+    else:
+        zero0.read_optimizer(b, sd, file, tp_rank, pp_stage, params)
+    model_states.record_state_refs(b, sd, file)
+    return model_dtype
 
 
 def _finish(

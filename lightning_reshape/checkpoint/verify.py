@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from lightning_reshape.checkpoint import torchfile
+from lightning_reshape.checkpoint.formats.zero3 import DEFAULT_SUB_GROUP_SIZE, zero3_layout
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
@@ -27,7 +28,6 @@ from lightning_reshape.checkpoint.plan import read_source_meta, source_groups
 from lightning_reshape.checkpoint.reader import ShardReader, entry_bytes, read_manifest
 from lightning_reshape.checkpoint.sidecar import TPSplit, read_sidecar
 from lightning_reshape.checkpoint.torchfile import Opaque, TensorRef, check_crcs, is_tensor
-from lightning_reshape.checkpoint.zero_layout import DEFAULT_SUB_GROUP_SIZE, zero3_layout
 from lightning_reshape.errors import ReshapeError
 
 __all__ = ["verify", "layout_problems"]

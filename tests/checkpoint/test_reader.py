@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from lightning_reshape.checkpoint.manifest import ROLE_FP32, ROLE_OPTIM, ROLE_PARAM
+from lightning_reshape.checkpoint.plan import Target, build_plan, rank_files, read_source_meta
 from lightning_reshape.checkpoint.reader import (
     TPRule,
     consolidate_fp32,
@@ -193,3 +195,24 @@ def test_layouts(ckpt_root: dict[int, Path], tmp_path: Path) -> None:
         read_manifest(nolatest)
     with pytest.raises(CheckpointError, match="tag folder 'nope'"):
         read_manifest(src, tag="nope")
+
+
+@pytest.mark.parametrize("name", ["z0", "z2bf16", "z3", "tp_z1", "pp_z1"])
+def test_planning_does_no_io(ckpt_root: dict[int, Path], tmp_path: Path, name: str) -> None:
+    """The manifest carries all source metadata: once read, the same plans come out after its
+    folder is moved away and then deleted (whole plan, and one rank's files)."""
+    src = tmp_path / name
+    shutil.copytree(ckpt_root[2] / name, src)
+    manifest = read_manifest(src)
+    meta = read_source_meta(manifest)
+    target = Target(tp=1, pp=1, dp=3, zero_stage=1)
+    full = build_plan(manifest, meta, target)
+    own = rank_files(manifest, None, target, 0, 0, 2)
+    src.rename(tmp_path / "moved")
+    assert build_plan(manifest, None, target) == full
+    assert build_plan(manifest, meta, target, files=own).files == tuple(
+        f for f in full.files if f.name in own
+    )
+    shutil.rmtree(tmp_path / "moved")
+    assert read_source_meta(manifest) is meta
+    assert build_plan(manifest, meta, target) == full

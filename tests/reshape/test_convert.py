@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 
 from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.plan import Target
 from lightning_reshape.checkpoint.verify import verify
 from lightning_reshape.errors import ReshapeError
 from tests.deepspeed_harness import run_distributed
+from tests.reshape.rank_plans import check_rank_plans
 from tests.reshape.workers import Spec, load_worker, train_and_load_worker, train_worker
 
 MORE = 3
@@ -208,3 +210,11 @@ def test_bad_targets_write_nothing(grid: dict[str, Any], tmp_path: Path) -> None
             convert_checkpoint(src, dst, **kwargs)
         assert str(src) in str(info.value) or "zero_stage" in str(info.value)
         assert not dst.exists() or not any(dst.iterdir())
+
+
+def test_rank_plans_equal_the_full_plan_filtered(grid: dict[str, Any]) -> None:
+    """Each target rank plans only the files it loads (ZeRO 0/1/2/3 from ZeRO 1/2/3 at dp 2)
+    and gets exactly the full plan's files."""
+    targets = [Target(1, 1, dp, stage) for dp in (1, 2, 3) for stage in (0, 1, 2, 3)]
+    for spec in SOURCES.values():
+        assert check_rank_plans(grid["src2"] / spec.name, targets) == 24

@@ -18,14 +18,16 @@ from typing import Any
 import pytest
 import torch
 
-from lightning_reshape.checkpoint import zero0
 from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.formats import zero0
 from lightning_reshape.checkpoint.inspect import format_inspect, inspect_checkpoint
+from lightning_reshape.checkpoint.plan import Target
 from lightning_reshape.checkpoint.reader import read_manifest
 from lightning_reshape.checkpoint.verify import verify
 from lightning_reshape.errors import LayoutError
 from tests.deepspeed_harness import run_distributed
 from tests.reshape.formats_workers import FSpec, load_worker, train_worker
+from tests.reshape.rank_plans import check_rank_plans
 
 MORE = 2
 SOURCES = {
@@ -220,3 +222,11 @@ def test_zero0_target_refuses_fp16_loss_scaling(formats: dict[str, Any]) -> None
     fp16 = dataclasses.replace(read_manifest(formats["src"] / "z0"), model_dtype="float16")
     with pytest.raises(LayoutError, match="convert to ZeRO 1, 2 or 3"):
         zero0.target_wrapper(fp16, {"fp16": {"enabled": True}})
+
+
+def test_rank_plans_equal_the_full_plan_filtered(formats: dict[str, Any]) -> None:
+    """Each target rank plans only the files it loads and gets exactly the full plan's files:
+    ZeRO 0 (fp32, bf16), BF16_Optimizer (bf16_ files), excluded frozen weights, sub-groups."""
+    targets = [Target(1, 1, dp, stage) for dp in (1, 3) for stage in (0, 1, 2, 3)]
+    for name in ("z0", "z0bf16", "bf16opt", "z2ex", "z3sg"):
+        assert check_rank_plans(formats["src"] / name, targets) == 16

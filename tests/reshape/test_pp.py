@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 
 from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.plan import Target
 from lightning_reshape.checkpoint.reader import read_manifest
 from lightning_reshape.checkpoint.verify import verify
 from lightning_reshape.errors import CheckpointError, LayoutError
 from tests.deepspeed_harness import run_distributed
 from tests.reshape.pp_workers import PPSpec, load_worker, train_and_load_worker, train_worker
+from tests.reshape.rank_plans import check_rank_plans
 
 # (source, target pp, target dp); sources "ppN" are at dp 1, "pp1dp2" at dp 2; ZeRO 1
 PAIRS = [
@@ -219,3 +221,14 @@ def test_bf16_optimizer_pipeline_reads_as_zero1_and_reshapes(
     b = convert_checkpoint(a.parent, tmp_path / "pp2", tp=1, pp=2, dp=1)
     assert verify(src, a.parent) == [] and verify(src, b.parent) == []
     assert sorted(p.name for p in b.glob("*.pt")) == sorted(p.name for p in src.glob("*/*.pt"))
+
+
+def test_rank_plans_equal_the_full_plan_filtered(pp_grid: dict[str, Any]) -> None:
+    """Each target rank plans only its model, optimizer and stage's layer files and gets exactly
+    the full plan's files: pp, tp and dp changes, parameter-free layers, BF16_Optimizer."""
+    src = pp_grid["root"] / "src"
+    targets = [Target(1, 1, 2, 1), Target(1, 2, 1, 1), Target(1, 3, 1, 1), Target(1, 2, 2, 1)]
+    for name in ("pp2", "pp1dp2", "act2", "bf16pp2"):
+        assert check_rank_plans(src / name, targets) == 2 + 2 + 3 + 4
+    swaps = [Target(2, 1, 1, 1), Target(1, 2, 1, 1), Target(2, 2, 1, 1, "uniform")]
+    assert check_rank_plans(src / "tp2pp1", swaps) == 2 + 2 + 4
