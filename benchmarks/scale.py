@@ -39,7 +39,6 @@ plan starts; the manifest's own size is reported per world size).
 from __future__ import annotations
 
 import argparse
-import inspect
 import math
 import statistics
 import sys
@@ -49,6 +48,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_reshape.checkpoint.formats.pipeline import pipeline_stages
+from lightning_reshape.checkpoint.formats.zero12 import zero_group_layout
 from lightning_reshape.checkpoint.manifest import (
     ROLE_FP32,
     ROLE_OPTIM,
@@ -57,13 +58,14 @@ from lightning_reshape.checkpoint.manifest import (
     Manifest,
     Piece,
     ScalarState,
+    SourceMeta,
     SourceTopology,
     StateRef,
     TensorEntry,
 )
-from lightning_reshape.checkpoint.plan import Plan, SourceMeta, Target, build_plan
+from lightning_reshape.checkpoint.plan import Plan, Target, build_plan
+from lightning_reshape.checkpoint.plan import rank_files as named_files
 from lightning_reshape.checkpoint.sidecar import TPSplit
-from lightning_reshape.checkpoint.zero_layout import pipeline_stages, zero_group_layout
 
 PAGE = 4096
 ELEMENT_SIZE = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -304,10 +306,11 @@ def synthesize(
                 splits[name] = split
                 lshape = _local(gshape, split, tp)
                 n = math.prod(lshape)
+                tp_split = split if tp > 1 else None
                 records.add(file, (local_name,), n * 2)
                 add(
                     (name, ROLE_PARAM, None),
-                    Piece(file, (local_name,), tp_rank, n, 0, 0, lshape, None, stage, layer),
+                    Piece(file, (local_name,), tp_rank, n, 0, 0, lshape, tp_split, stage, layer),
                     "bfloat16",
                     gshape,
                 )
@@ -332,6 +335,7 @@ def synthesize(
                 if s >= e:
                     continue
                 common = dict(
+                    tp_split=splits[name] if tp > 1 else None,
                     tp_rank=tp_rank,
                     numel=e - s,
                     src_offset=s - lo,
@@ -364,7 +368,7 @@ def synthesize(
     tensors = []
     for key, by_rank in pieces.items():
         dtype, gshape, split = info[key]
-        split = split if tp > 1 else None
+        split = split if tp > 1 else None  # read_manifest: no split at tp 1
         tensors.append(
             TensorEntry(
                 name=key[0],
@@ -372,11 +376,8 @@ def synthesize(
                 state_key=key[2],
                 shape=gshape,
                 dtype=dtype,
-                pieces=tuple(
-                    Piece(**{**p.__dict__, "tp_split": split})
-                    for r in sorted(by_rank)
-                    for p in sorted(by_rank[r], key=lambda p: p.dst_offset)
-                ),
+                # added by tp rank, then in dst order (read_manifest's order)
+                pieces=tuple(p for r in sorted(by_rank) for p in by_rank[r]),
                 tp_split=split,
             )
         )
@@ -386,6 +387,27 @@ def synthesize(
         + [layer_file(layer, t) for layer in range(len(layers)) for t in range(tp)]
     )
     config = ds_config(micro_batch, grad_accum)
+    mps = range(tp * pp)
+    meta = SourceMeta(
+        model_files={mp: model_file(mp) for mp in mps},
+        model_keys={mp: (*MODEL_KEYS, *client_state) for mp in mps},
+        module_keys={mp: () for mp in mps},
+        param_shapes=param_shapes,
+        shared_params={mp: {} for mp in mps},
+        ds_config=config,
+        optim_files={mp: optim_file(0, mp) for mp in mps},
+        optim_inner=("optimizer_state_dict", "base_optimizer_state"),
+        optim_top_keys=OPTIM_TOP_KEYS,
+        tp_splits=dict(splits),
+        param_groups_ref={
+            mp: (
+                optim_file(0, mp),
+                ("optimizer_state_dict", "base_optimizer_state", "param_groups"),
+            )
+            for mp in mps
+        },
+        param_group_sizes={mp: (1,) for mp in mps},
+    )
     manifest = Manifest(
         root=root,
         layout="deepspeed-pipeline",
@@ -415,27 +437,7 @@ def synthesize(
                 "ties": {},
             },
         },
-    )
-    mps = range(tp * pp)
-    meta = SourceMeta(
-        model_files={mp: model_file(mp) for mp in mps},
-        model_keys={mp: (*MODEL_KEYS, *client_state) for mp in mps},
-        module_keys={mp: () for mp in mps},
-        param_shapes=param_shapes,
-        shared_params={mp: {} for mp in mps},
-        ds_config=config,
-        optim_files={mp: optim_file(0, mp) for mp in mps},
-        optim_inner=("optimizer_state_dict", "base_optimizer_state"),
-        optim_top_keys=OPTIM_TOP_KEYS,
-        tp_splits=dict(splits),
-        param_groups_ref={
-            mp: (
-                optim_file(0, mp),
-                ("optimizer_state_dict", "base_optimizer_state", "param_groups"),
-            )
-            for mp in mps
-        },
-        param_group_sizes={mp: (1,) for mp in mps},
+        source_meta=meta,
     )
     return Source(manifest, meta, records.files if with_records else {})
 
@@ -506,37 +508,31 @@ def sample_ranks(target: Target, count: int) -> list[int]:
     return sorted(out)
 
 
-def _supports_files() -> bool:
-    return "files" in inspect.signature(build_plan).parameters
-
-
 class Planner:
-    """Plans one rank's direct load: with ``build_plan(..., files=...)`` when the planner has
-    it, else (older planner) by filtering the full plan, built once (its time is then not a
-    per-rank figure and is flagged)."""
+    """Plans one rank's direct load as the rank would: names its files with the planner's
+    ``rank_files`` (checked against :func:`rank_files` here), then
+    ``build_plan(..., files=...)``."""
 
-    def __init__(self, source: Source, target: Target) -> None:
+    def __init__(self, source: Source, target: Target, shape: GPTShape) -> None:
         self.source = source
         self.target = target
-        self.per_rank = _supports_files()
-        self._full: Plan | None = None
-        self.full_seconds = 0.0
+        self.shape = shape
+
+    def files(self, rank: int) -> tuple[str, ...]:
+        """The files ``rank`` loads, as the planner names them."""
+        stage, d, t = rank_coords(self.target, rank)
+        return named_files(self.source.manifest, None, self.target, t, stage, d)
+
+    def check_files(self, rank: int, files: Sequence[str]) -> None:
+        mine = rank_files(self.shape, self.target, rank)
+        if set(files) != set(mine):
+            raise SystemExit(
+                f"rank {rank}: the planner names files {sorted(files)}, the benchmark expects "
+                f"{sorted(mine)}"
+            )
 
     def plan(self, files: Sequence[str]) -> Plan:
-        m, meta = self.source.manifest, self.source.meta
-        if self.per_rank:
-            return build_plan(m, meta, self.target, files=tuple(files))  # type: ignore[call-arg]
-        if self._full is None:
-            t0 = time.perf_counter()
-            self._full = build_plan(m, meta, self.target)
-            self.full_seconds = time.perf_counter() - t0
-        wanted = set(files)
-        return Plan(
-            **{
-                **self._full.__dict__,
-                "files": tuple(f for f in self._full.files if f.name in wanted),
-            }
-        )
+        return build_plan(self.source.manifest, None, self.target, files=files)
 
 
 @dataclass(frozen=True)
@@ -587,18 +583,18 @@ def read_bytes(
     return needed, read, len(opened)
 
 
-def measure_rank(planner: Planner, shape: GPTShape, rank: int) -> RankResult:
-    """Plan ``rank``'s direct load twice: timed, then under tracemalloc for its peak memory."""
-    files = rank_files(shape, planner.target, rank)
+def measure_rank(planner: Planner, rank: int) -> RankResult:
+    """Plan ``rank``'s direct load (name its files, plan them) twice: timed, then under
+    tracemalloc for its peak memory."""
     t0 = time.perf_counter()
+    files = planner.files(rank)
     plan = planner.plan(files)
     seconds = time.perf_counter() - t0
-    if not planner.per_rank:
-        seconds = planner.full_seconds
     tracemalloc.start()
-    planner.plan(files)
+    planner.plan(planner.files(rank))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
+    planner.check_files(rank, files)
     missing = set(files) - {f.name for f in plan.files}
     if missing:
         raise SystemExit(f"the plan lacks {sorted(missing)[:3]} for rank {rank}")
@@ -616,7 +612,6 @@ class WorldResult:
     ranks: list[RankResult]
     manifest_bytes: int
     synth_seconds: float
-    per_rank: bool
 
     def max(self, attr: str) -> float:
         return max(getattr(r, attr) for r in self.ranks)
@@ -638,8 +633,9 @@ def run_world(
     tracemalloc.stop()
     del bare
     source = synthesize(shape, tp, pp, dp)
-    planner = Planner(source, fam.target)
+    planner = Planner(source, fam.target, shape)
     ranks = sample_ranks(fam.target, sample)
+    planner.plan(planner.files(ranks[0]))  # warm-up, untimed: imports, first-call costs
     out(f"\n== world {world}: {fam.describe()}")
     m = source.manifest
     n_pieces = sum(len(t.pieces) for t in m.tensors)
@@ -657,7 +653,7 @@ def run_world(
             f"{'read GiB':>9} {'ampl':>7} {'files':>6} {'peak MiB':>9}"
         )
     for rank in ranks:
-        r = measure_rank(planner, shape, rank)
+        r = measure_rank(planner, rank)
         results.append(r)
         if per_rank_rows:
             st, d, t = r.coords
@@ -666,12 +662,7 @@ def run_world(
                 f"{r.read / 2**30:>9.3f} {r.amplification:>7.4f} {r.opened:>6} "
                 f"{r.peak / 2**20:>9.1f}"
             )
-    if not planner.per_rank:
-        out(
-            f"   NOTE: this planner has no build_plan(files=...): plan time is the FULL plan's "
-            f"({planner.full_seconds:.2f} s) and the peak memory is not per rank"
-        )
-    return WorldResult(fam, results, manifest_bytes, synth_seconds, planner.per_rank)
+    return WorldResult(fam, results, manifest_bytes, synth_seconds)
 
 
 def report(results: Sequence[WorldResult], out: Callable[[str], None]) -> bool:
@@ -720,9 +711,12 @@ def report(results: Sequence[WorldResult], out: Callable[[str], None]) -> bool:
         f"worst {worst.max('amplification'):.4f} (world {worst.fam.world})",
     )
     at_1024 = next((w for w in results if w.fam.world == 1024), None)
-    if at_1024 is None or not at_1024.per_rank:
-        why = "world 1024 not measured" if at_1024 is None else "no per-rank plan (files=)"
-        verdict(f"plan <= {MAX_PLAN_SECONDS_AT_1024} s per rank at 1,024 ranks", None, why)
+    if at_1024 is None:
+        verdict(
+            f"plan <= {MAX_PLAN_SECONDS_AT_1024} s per rank at 1,024 ranks",
+            None,
+            "world 1024 not measured",
+        )
     else:
         verdict(
             f"plan <= {MAX_PLAN_SECONDS_AT_1024} s per rank at 1,024 ranks",
@@ -730,8 +724,8 @@ def report(results: Sequence[WorldResult], out: Callable[[str], None]) -> bool:
             f"max {at_1024.max('seconds'):.3f} s, median {at_1024.median('seconds'):.3f} s",
         )
     last = results[-1]
-    if len(results) < 2 or not all(w.per_rank for w in results):
-        verdict("planner memory flat in the world size", None, "needs 2+ worlds, per-rank plans")
+    if len(results) < 2:
+        verdict("planner memory flat in the world size", None, "needs 2+ world sizes")
     else:
         ratio = last.max("peak") / first.max("peak")
         verdict(

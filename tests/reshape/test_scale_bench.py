@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from lightning_reshape.checkpoint.plan import Target, build_plan, read_source_meta
+from lightning_reshape.checkpoint.plan import Target, build_plan, rank_files, read_source_meta
 from lightning_reshape.checkpoint.reader import ShardReader, read_manifest
 from tests.deepspeed_harness import run_distributed
 from tests.reshape.scale_workers import GPTRun, save_worker
@@ -66,7 +66,8 @@ def test_synthesized_manifest_equals_read_manifest(saves: dict[str, Any], name: 
         assert getattr(syn, field) == getattr(real, field), field
     for key, value in syn.extra.items():
         assert real.extra[key] == value, key
-    assert src.meta == read_source_meta(real)
+    assert src.meta == read_source_meta(real) == real.source_meta
+    assert syn.source_meta == src.meta
     # the read model's records: each tensor its own storage record, of the real size, in the
     # real order within its file
     with ShardReader(real.root) as reader:
@@ -81,9 +82,16 @@ def test_synthesized_manifest_equals_read_manifest(saves: dict[str, Any], name: 
                 assert t.storage.numel * t.element_size() == nbytes, (file, key)
                 where[key] = t.storage.data_offset
             assert sorted(records, key=records.__getitem__) == sorted(where, key=where.__getitem__)
-    # and so the plans are equal, here for a pp and dp change
+    # and so the plans are equal, here for a pp and dp change; each rank loads the files the
+    # benchmark names for it
     target = Target(tp=run.tp, pp=3, dp=2 // run.tp, zero_stage=1)
-    assert build_plan(syn, src.meta, target) == build_plan(real, read_source_meta(real), target)
+    assert build_plan(syn, None, target) == build_plan(real, None, target)
+    for rank in range(target.tp * target.pp * target.dp):
+        stage, d, t = scale.rank_coords(target, rank)
+        named = rank_files(real, None, target, t, stage, d)
+        assert set(named) == set(scale.rank_files(shape, target, rank))
+        one = build_plan(syn, None, target, files=named)
+        assert sorted(f.name for f in one.files) == sorted(named)
 
 
 def test_rank_files_and_sample_cover_the_layout(saves: dict[str, Any]) -> None:
