@@ -683,12 +683,13 @@ def report(results: Sequence[WorldResult], out: Callable[[str], None]) -> bool:
     if len(results) > 1:
         out(f"\n== growth relative to {first.fam.world} ranks")
         out(
-            f"   {'world':>6} {'x world':>7} {'plan max':>9} {'peak max':>9} {'files max':>9} "
-            f"{'manifest':>9} {'ampl max':>9}"
+            f"   {'world':>6} {'x world':>7} {'plan med':>9} {'plan max':>9} {'peak max':>9} "
+            f"{'files max':>9} {'manifest':>9} {'ampl max':>9}"
         )
         for w in results:
             out(
                 f"   {w.fam.world:>6} {w.fam.world / first.fam.world:>7.0f} "
+                f"{w.median('seconds') / first.median('seconds'):>9.2f} "
                 f"{w.max('seconds') / first.max('seconds'):>9.2f} "
                 f"{w.max('peak') / first.max('peak'):>9.2f} "
                 f"{w.max('opened') / first.max('opened'):>9.2f} "
