@@ -23,8 +23,11 @@ Layouts (one family, dp scales; tp 8, pp 16 -> 8 throughout):
     world 1024:  tp 8 x pp 16 x dp 8   -> tp 8 x pp 8 x dp 12   (768 ranks; the issue's example)
     world 8192:  tp 8 x pp 16 x dp 64  -> tp 8 x pp 8 x dp 96   (6144 ranks)
 
-Per measured target rank: plan time of that rank's direct load (the files its DeepSpeed engine
-loads: its model-states file, its stage's layer files for its tp rank, its optimizer file),
+Per measured target rank: plan time (wall and CPU) of that rank's direct load, the files its
+DeepSpeed engine loads (its model-states file, its stage's layer files for its tp rank, its
+optimizer file), named by the planner's ``rank_files`` and planned by
+``build_plan(..., files=...)``, as the rank itself would; the source metadata rides on the
+manifest (``Manifest.source_meta``) as ``read_manifest`` puts it there;
 bytes needed (the target tensor bytes of those files) against bytes read (the copies' source
 ranges, coalesced per source file and rounded out to 4 KiB pages, as pread/mmap would read
 them; records placed in each file as torch.save lays them out, 64-byte aligned), source files
