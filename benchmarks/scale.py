@@ -264,6 +264,126 @@ class _Records:
         self.ends[file] = start + nbytes
 
 
+_Key = tuple[str, str, "str | None"]
+_FlatParam = tuple[str, int, tuple[int, ...], tuple[int, ...]]  # name, numel, local, global
+_BASE = ("optimizer_state_dict", "base_optimizer_state", "state", 0)
+_FP32 = ("optimizer_state_dict", "single_partition_of_fp32_groups", 0)
+
+
+class _Synth:
+    """Collects pieces in ``read_manifest``'s order: per source mp rank, its layer-file
+    parameters, then its optimizer files' flat pieces (fp32 master, then each state)."""
+
+    def __init__(self, tp: int, dp: int, steps: int) -> None:
+        self.tp, self.dp, self.steps = tp, dp, steps
+        self.records = _Records()
+        self.pieces: dict[_Key, dict[int, list[Piece]]] = {}  # first-add order kept
+        self.info: dict[_Key, tuple[str, tuple[int, ...]]] = {}  # dtype, global shape
+        self.splits: dict[str, TPSplit | None] = {}
+        self.scalars: list[ScalarState] = []
+        self.refs: list[StateRef] = []
+
+    def add(self, key: _Key, piece: Piece, dtype: str, gshape: tuple[int, ...]) -> None:
+        if key not in self.pieces:
+            self.pieces[key] = {}
+            self.info[key] = (dtype, gshape)
+        self.pieces[key].setdefault(piece.tp_rank, []).append(piece)
+
+    def split(self, name: str) -> TPSplit | None:
+        """The split as read_manifest records it (none at tp 1)."""
+        return self.splits[name] if self.tp > 1 else None
+
+    def layer_params(
+        self, layers: Sequence[Sequence[ParamSpec]], lo: int, hi: int, mp: int
+    ) -> list[_FlatParam]:
+        """The bf16 weights of layers ``lo..hi-1`` of tp rank ``mp % tp``; their flat order."""
+        stage, tp_rank = divmod(mp, self.tp)
+        names: list[_FlatParam] = []
+        for layer in range(lo, hi):
+            file = layer_file(layer, tp_rank)
+            for local_name, gshape, split in layers[layer]:
+                name = f"{layer}.{local_name}"
+                self.splits[name] = split
+                lshape = _local(gshape, split, self.tp)
+                n = math.prod(lshape)
+                self.records.add(file, (local_name,), n * 2)
+                piece = Piece(
+                    file, (local_name,), tp_rank, n, 0, 0, lshape, self.split(name), stage, layer
+                )
+                self.add((name, ROLE_PARAM, None), piece, "bfloat16", gshape)
+                names.append((name, n, lshape, gshape))
+        return names
+
+    def optimizer(self, names: Sequence[_FlatParam], mp: int) -> None:
+        """The BF16_Optimizer files of mp rank ``mp``: one flat group, a partition per dp rank
+        (padding kept), fp32 master and AdamW states cut at the same offsets."""
+        stage, tp_rank = divmod(mp, self.tp)
+        lay = zero_group_layout([(n, k) for n, k, _, _ in names], self.dp, optimizer="bf16")
+        psize = lay.partition_size
+        for r in range(self.dp):
+            file = optim_file(r, mp)
+            self.records.add(file, (*_BASE, "step"), 4)
+            for k in OPTIM_STATE_KEYS:
+                self.records.add(file, (*_BASE, k), psize * 4)
+            self.records.add(file, _FP32, psize * 4)
+            owner = f"mp{mp}.group0"
+            self.scalars.append(
+                ScalarState(owner, "step", float(self.steps), file, (*_BASE, "step"))
+            )
+            lo, hi = r * psize, (r + 1) * psize
+            for p, (name, n, lshape, gshape) in zip(lay.params, names, strict=True):
+                s, e = max(p.flat_offset, lo), min(p.flat_offset + n, hi)
+                if s >= e:
+                    continue
+                common: dict[str, Any] = dict(
+                    tp_split=self.split(name),
+                    tp_rank=tp_rank,
+                    numel=e - s,
+                    src_offset=s - lo,
+                    dst_offset=s - p.flat_offset,
+                    local_shape=lshape,
+                    pp_stage=stage,
+                    dp_rank=r,
+                    flat_group=0,
+                )
+                self.add((name, ROLE_FP32, None), Piece(file, _FP32, **common), "float32", gshape)
+                for k in OPTIM_STATE_KEYS:
+                    piece = Piece(file, (*_BASE, k), **common)
+                    self.add((name, ROLE_OPTIM, k), piece, "float32", gshape)
+
+    def state_refs(self, mp: int, client_state: Sequence[str]) -> None:
+        """Non-tensor state read_manifest records: optimizer files first, then the model file."""
+        for r in range(self.dp):
+            file = optim_file(r, mp)
+            self.refs.append(
+                StateRef("optimizer:clip_grad", file, ("optimizer_state_dict", "clip_grad"))
+            )
+            key = ("optimizer_state_dict", "base_optimizer_state", "param_groups")
+            self.refs.append(StateRef("optimizer:param_groups", file, key))
+        for k in CARRIED_MODEL_KEYS:
+            self.refs.append(StateRef(k, model_file(mp), (k,)))
+        for k in client_state:
+            self.refs.append(StateRef(f"client:{k}", model_file(mp), (k,)))
+
+    def tensors(self) -> tuple[TensorEntry, ...]:
+        out = []
+        for key, by_rank in self.pieces.items():
+            dtype, gshape = self.info[key]
+            out.append(
+                TensorEntry(
+                    name=key[0],
+                    role=key[1],
+                    state_key=key[2],
+                    shape=gshape,
+                    dtype=dtype,
+                    # added by tp rank, then in dst order (read_manifest's order)
+                    pieces=tuple(p for r in sorted(by_rank) for p in by_rank[r]),
+                    tp_split=self.split(key[0]),
+                )
+            )
+        return tuple(out)
+
+
 def synthesize(
     shape: GPTShape,
     tp: int,
@@ -283,112 +403,20 @@ def synthesize(
     root = root or f"/synthetic/{shape.name}-tp{tp}-pp{pp}-dp{dp}/{TAG}"
     layers = pipeline_layers(shape)
     parts = stage_bounds(shape, tp, pp)
-    records = _Records()
-    # (name, role, state_key) -> tp rank -> pieces; dtype; local shape; split; first-add order
-    pieces: dict[tuple[str, str, str | None], dict[int, list[Piece]]] = {}
-    info: dict[tuple[str, str, str | None], tuple[str, tuple[int, ...], TPSplit | None]] = {}
-    scalars: list[ScalarState] = []
-    refs: list[StateRef] = []
-    splits: dict[str, TPSplit | None] = {}
+    syn = _Synth(tp, dp, steps)
     param_shapes: dict[int, tuple[tuple[str, ...], ...]] = {}
-
-    def add(key: tuple[str, str, str | None], piece: Piece, dtype: str, gshape: Any) -> None:
-        if key not in pieces:
-            pieces[key] = {}
-            info[key] = (dtype, gshape, splits[key[0]])
-        pieces[key].setdefault(piece.tp_rank, []).append(piece)
-
     for mp in range(tp * pp):
-        stage, tp_rank = divmod(mp, tp)
-        # flat order: name, numel, local shape, global shape
-        names: list[tuple[str, int, tuple[int, ...], tuple[int, ...]]] = []
-        for layer in range(parts[stage], parts[stage + 1]):
-            file = layer_file(layer, tp_rank)
-            for local_name, gshape, split in layers[layer]:
-                name = f"{layer}.{local_name}"
-                splits[name] = split
-                lshape = _local(gshape, split, tp)
-                n = math.prod(lshape)
-                tp_split = split if tp > 1 else None
-                records.add(file, (local_name,), n * 2)
-                add(
-                    (name, ROLE_PARAM, None),
-                    Piece(file, (local_name,), tp_rank, n, 0, 0, lshape, tp_split, stage, layer),
-                    "bfloat16",
-                    gshape,
-                )
-                names.append((name, n, lshape, gshape))
+        stage = mp // tp
+        names = syn.layer_params(layers, parts[stage], parts[stage + 1], mp)
         param_shapes[mp] = (tuple(n for n, _, _, _ in names),)
-        lay = zero_group_layout([(n, k) for n, k, _, _ in names], dp, optimizer="bf16")
-        psize = lay.partition_size
-        base = ("optimizer_state_dict", "base_optimizer_state", "state", 0)
-        fp32_key = ("optimizer_state_dict", "single_partition_of_fp32_groups", 0)
-        for r in range(dp):
-            file = optim_file(r, mp)
-            records.add(file, (*base, "step"), 4)
-            for k in OPTIM_STATE_KEYS:
-                records.add(file, (*base, k), psize * 4)
-            records.add(file, fp32_key, psize * 4)
-            scalars.append(
-                ScalarState(f"mp{mp}.group0", "step", float(steps), file, (*base, "step"))
-            )
-            lo, hi = r * psize, (r + 1) * psize
-            for p, (name, n, lshape, gshape) in zip(lay.params, names, strict=True):
-                s, e = max(p.flat_offset, lo), min(p.flat_offset + n, hi)
-                if s >= e:
-                    continue
-                common = dict(
-                    tp_split=splits[name] if tp > 1 else None,
-                    tp_rank=tp_rank,
-                    numel=e - s,
-                    src_offset=s - lo,
-                    dst_offset=s - p.flat_offset,
-                    local_shape=lshape,
-                    pp_stage=stage,
-                    dp_rank=r,
-                    flat_group=0,
-                )
-                add((name, ROLE_FP32, None), Piece(file, fp32_key, **common), "float32", gshape)
-                for k in OPTIM_STATE_KEYS:
-                    add((name, ROLE_OPTIM, k), Piece(file, (*base, k), **common), "float32", gshape)
-        for r in range(dp):
-            file = optim_file(r, mp)
-            refs.append(
-                StateRef("optimizer:clip_grad", file, ("optimizer_state_dict", "clip_grad"))
-            )
-            refs.append(
-                StateRef(
-                    "optimizer:param_groups",
-                    file,
-                    ("optimizer_state_dict", "base_optimizer_state", "param_groups"),
-                )
-            )
-        for k in CARRIED_MODEL_KEYS:
-            refs.append(StateRef(k, model_file(mp), (k,)))
-        for k in client_state:
-            refs.append(StateRef(f"client:{k}", model_file(mp), (k,)))
-
-    tensors = []
-    for key, by_rank in pieces.items():
-        dtype, gshape, split = info[key]
-        split = split if tp > 1 else None  # read_manifest: no split at tp 1
-        tensors.append(
-            TensorEntry(
-                name=key[0],
-                role=key[1],
-                state_key=key[2],
-                shape=gshape,
-                dtype=dtype,
-                # added by tp rank, then in dst order (read_manifest's order)
-                pieces=tuple(p for r in sorted(by_rank) for p in by_rank[r]),
-                tp_split=split,
-            )
-        )
+        syn.optimizer(names, mp)
+        syn.state_refs(mp, client_state)
     files = sorted(
         [model_file(mp) for mp in range(tp * pp)]
         + [optim_file(r, mp) for mp in range(tp * pp) for r in range(dp)]
         + [layer_file(layer, t) for layer in range(len(layers)) for t in range(tp)]
     )
+    splits, records = syn.splits, syn.records
     config = ds_config(micro_batch, grad_accum)
     mps = range(tp * pp)
     meta = SourceMeta(
@@ -418,9 +446,9 @@ def synthesize(
         topology=SourceTopology(tp=tp, pp=pp, dp=dp, zero_stage=1, source="sidecar"),
         model_dtype="bfloat16",
         optimizer_wrapper="bf16_optimizer",
-        tensors=tuple(tensors),
-        scalars=tuple(scalars),
-        state_refs=tuple(refs),
+        tensors=syn.tensors(),
+        scalars=tuple(syn.scalars),
+        state_refs=tuple(syn.refs),
         aliases=(),
         files=tuple(files),
         client_state_keys=tuple(client_state),
