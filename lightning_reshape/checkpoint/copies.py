@@ -30,6 +30,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from lightning_reshape.checkpoint.execute import output_errors
+
 __all__ = ["IN_USE_LOCK", "RemovedCopies", "hold_in_use", "remove_other_copies"]
 
 log = logging.getLogger(__name__)
@@ -61,7 +63,8 @@ def hold_in_use(folder: str | os.PathLike[str]) -> Iterator[bool]:
     deletes it (:func:`remove_other_copies` keeps copies it cannot lock)."""
     folder = Path(folder)
     while True:
-        fd = _open_lock(folder, create_folder=True)
+        with output_errors(folder):  # read-only, full, ...: one line naming the path
+            fd = _open_lock(folder, create_folder=True)
         if fd is None:  # removed between mkdir and open: make it again
             continue
         try:
