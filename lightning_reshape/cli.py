@@ -257,6 +257,14 @@ def _build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--tag", default=None, help="tag to read (default: 'latest', or the only tag folder)"
     )
+    export.add_argument(
+        "--strip-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="remove PREFIX from the names that start with it, e.g. 'model.' for a Hugging Face "
+        "model kept as self.model in a LightningModule, so that from_pretrained of the folder "
+        "finds its own names (a PREFIX no name has is an error)",
+    )
     _add_checkpoint_options(export)
     export.add_argument("--quiet", action="store_true", help="no progress bar")
     export.set_defaults(run=_run_export)
@@ -346,6 +354,7 @@ def _run_export(args: argparse.Namespace) -> int:
         trust=args.trust_checkpoint,
         tp_rules=args.tp_rule,
         progress=not args.quiet and sys.stderr.isatty(),
+        strip_prefix=args.strip_prefix,
     )
     files = sorted(p.name for p in out.iterdir())
     print(f"wrote {out} ({', '.join(files)})")

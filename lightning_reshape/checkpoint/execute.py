@@ -195,9 +195,12 @@ def _set(obj: dict[Any, Any], key: tuple[Any, ...], value: Any) -> None:
 _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL}
 
 
-def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: int) -> None:
+def _copy_range(
+    src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: int, *, src: str = "source"
+) -> None:
     """Copy in the kernel; start write-back of each copied block so the final fsync overlaps
-    the copy instead of following it (the kernel would otherwise wait for its dirty limits)."""
+    the copy instead of following it (the kernel would otherwise wait for its dirty limits).
+    ``src`` names the source file in errors."""
     while nbytes > 0:
         want = min(nbytes, WRITEBACK_BYTES or (1 << 30))
         try:
@@ -210,7 +213,11 @@ def _copy_range(src_fd: int, dst_fd: int, nbytes: int, src_off: int, dst_off: in
             step = min(nbytes, CHUNK_BYTES)
             data = os.pread(src_fd, step, src_off)
             if not data:
-                raise CheckpointError(f"unexpected end of file reading {step} bytes at {src_off}")
+                raise CheckpointError(
+                    f"{src}: unexpected end of file reading {step} bytes at byte {src_off} (the "
+                    "file is shorter than its zip directory says: truncated or replaced); "
+                    "restore it from a good copy"
+                )
             _pwrite_all(dst_fd, data, dst_off)
             done = len(data)
         if WRITEBACK_BYTES and hasattr(os, "posix_fadvise"):
@@ -376,7 +383,9 @@ def _write_file(
                 if nbytes < SMALL_RANGE_BYTES:
                     small.append((file, src_off, dst_off, nbytes))
                 else:
-                    _copy_range(src_fds[file], fd, nbytes, src_off, dst_off)
+                    _copy_range(
+                        src_fds[file], fd, nbytes, src_off, dst_off, src=src_files[file].path
+                    )
             _gather(small, src_fds, fd)
         finally:
             for sfd in src_fds.values():
@@ -770,6 +779,11 @@ def lock_output(dst: str | os.PathLike[str], tag: str) -> FileLock:
     partial folder, so the folder cannot be private to a process; the lock is held by the
     process that prepares and finalizes (rank 0), for the whole write. The kernel drops it when
     its holder dies (kill -9 included), so it never goes stale. Release with ``.release()``.
+
+    The empty ``.<tag>.lock`` stays after success, on purpose: the lock is the file's inode, not
+    its name. Removing it would let a writer still waiting on the old inode and a newcomer that
+    creates a new file under the same name both "hold" the lock (filelock keeps Unix lock files
+    for this reason: tox-dev/filelock#574, #623). It is outside the tag folder and its record.
     """
     check_tag(tag)
     dst = Path(dst)
@@ -811,6 +825,11 @@ def check_output(
     def one(item: tuple[str, Any]) -> tuple[str, str] | None:
         name, want = item
         path = folder / name
+        if not isinstance(want, dict):  # a hand-edited or damaged record: redo that file
+            return name, (
+                f"its entry in {COMPLETE_MARKER} is {type(want).__name__} {str(want)[:40]!r}, "
+                "not {size, crc32}"
+            )
         if os.path.lexists(path) and not _is_regular(path):
             return name, "not a regular file"
         try:
@@ -819,7 +838,7 @@ def check_output(
             return name, "missing"
         except OSError as exc:
             return name, f"unreadable ({exc.strerror})"
-        if not isinstance(want, dict) or size != want.get("size"):
+        if size != want.get("size"):
             return name, f"{size} bytes, the record says {want.get('size')}"
         recorded = want.get("crc32")
         if not isinstance(recorded, list) or len(recorded) != len(crc):

@@ -92,10 +92,14 @@ def parse_size(text: str) -> int:
     return value
 
 
-def export_items(manifest: Manifest, dtype: str | None = "fp32") -> list[ExportItem]:
+def export_items(
+    manifest: Manifest, dtype: str | None = "fp32", strip_prefix: str | None = None
+) -> list[ExportItem]:
     """The tensors of the module's state_dict, in checkpoint order: parameters (fp32 master
     where present), tied aliases, persistent buffers. ``dtype`` casts floating tensors
-    (None keeps each tensor's stored dtype)."""
+    (None keeps each tensor's stored dtype). ``strip_prefix`` (e.g. ``"model."``, the attribute
+    holding a Hugging Face model inside a LightningModule) is removed from the names that start
+    with it, so ``from_pretrained`` finds its own names; a prefix no name has is an error."""
     if dtype is not None and dtype not in DTYPES:
         raise ReshapeError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     masters = {e.name: e for e in manifest.entries(ROLE_FP32)}
@@ -123,7 +127,36 @@ def export_items(manifest: Manifest, dtype: str | None = "fp32") -> list[ExportI
         items.append(ExportItem(out_name, entry, out_dtype))
     if not items:
         raise CheckpointError(f"{manifest.root}: the checkpoint holds no tensors to export")
+    if strip_prefix:
+        items = _strip(items, strip_prefix, manifest.root)
     return items
+
+
+def _strip(items: list[ExportItem], prefix: str, root: str) -> list[ExportItem]:
+    """Names starting with ``prefix`` lose it; the others stay as they are."""
+    if not any(i.name.startswith(prefix) for i in items):
+        common = os.path.commonprefix([i.name for i in items])
+        common = common[: common.rfind(".") + 1]
+        hint = f" (all names start with {common!r})" if common else ""
+        raise ReshapeError(
+            f"{root}: no tensor name starts with {prefix!r}{hint}; e.g. {items[0].name!r}. "
+            "Pass the prefix of the submodule to export, e.g. 'model.'"
+        )
+    out = [
+        ExportItem(i.name[len(prefix) :], i.entry, i.dtype) if i.name.startswith(prefix) else i
+        for i in items
+    ]
+    seen: dict[str, str] = {}
+    for old, new in zip(items, out, strict=True):
+        if not new.name:
+            raise ReshapeError(f"{root}: removing {prefix!r} leaves {old.name!r} without a name")
+        if new.name in seen:
+            raise ReshapeError(
+                f"{root}: removing {prefix!r} gives {old.name!r} and {seen[new.name]!r} the same "
+                f"name {new.name!r}; choose another prefix"
+            )
+        seen[new.name] = old.name
+    return out
 
 
 def _shards(items: Sequence[ExportItem], max_bytes: int) -> list[list[ExportItem]]:
@@ -288,12 +321,13 @@ def export_checkpoint(
     trust: bool = False,
     tp_rules: Sequence[TPRule] = (),
     progress: bool = False,
+    strip_prefix: str | None = None,
 ) -> Path:
     """Write the full weights of ``src`` into the new folder ``out``; return it.
 
     ``fmt`` is ``"safetensors"`` (streamed: one tensor in memory at a time) or ``"torch"``
     (``pytorch_model.bin``: one shard in memory at a time). The folder appears complete or not
-    at all; ``src`` is only read.
+    at all; ``src`` is only read. ``strip_prefix``: see :func:`export_items`.
     """
     if fmt not in FORMATS:
         raise ReshapeError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
@@ -305,7 +339,7 @@ def export_checkpoint(
         raise ReshapeError(f"{out_path}: exists and is not an empty folder; choose a new path")
     manifest = read_manifest(src, tag=tag, trust_checkpoint=trust, tp_rules=tp_rules)
     _check_consistency(manifest, tp_rules)
-    items = export_items(manifest, dtype)
+    items = export_items(manifest, dtype, strip_prefix)
     _check_crcs(manifest, items)
     shards = _shards(items, limit)
     names = _file_names(fmt, len(shards))

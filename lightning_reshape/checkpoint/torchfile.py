@@ -222,7 +222,7 @@ class StoredFile:
         if not want:  # 0: not recorded (torch's skip_data, and our outputs before 0.x wrote 0)
             return
         off, n = self.offsets[key]
-        got = crc32_range(fd, off, n)
+        got = crc32_range(fd, off, n, path=self.path)
         if got != want:
             raise CheckpointError(
                 f"{self.path}: storage record data/{key} fails its CRC-32 check (stored "
@@ -250,14 +250,18 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
 CRC_CHUNK = 8 << 20
 
 
-def crc32_range(fd: int, offset: int, nbytes: int) -> int:
-    """CRC-32 (zip's) of ``nbytes`` bytes of ``fd`` from ``offset``, read a chunk at a time."""
+def crc32_range(fd: int, offset: int, nbytes: int, *, path: str = "checkpoint file") -> int:
+    """CRC-32 (zip's) of ``nbytes`` bytes of ``fd`` from ``offset``, read a chunk at a time;
+    ``path`` names the file in errors."""
     crc, buf = 0, bytearray(min(nbytes, CRC_CHUNK))
     view = memoryview(buf)
     while nbytes > 0:
         got = os.preadv(fd, [view[: min(nbytes, CRC_CHUNK)]], offset)
         if got <= 0:
-            raise CheckpointError(f"unexpected end of file at byte {offset} computing a CRC-32")
+            raise CheckpointError(
+                f"{path}: unexpected end of file at byte {offset} computing a CRC-32 (the file "
+                "is shorter than its zip directory says: truncated); restore it from a good copy"
+            )
         crc = crc32(view[:got], crc)
         offset, nbytes = offset + got, nbytes - got
     return crc
@@ -274,7 +278,9 @@ def check_crcs(path: str | os.PathLike[str]) -> int:
             for info in zf.infolist():
                 if "/data/" not in info.filename or not info.CRC:
                     continue
-                got = crc32_range(fh.fileno(), _local_data_offset(fh, info), info.file_size)
+                got = crc32_range(
+                    fh.fileno(), _local_data_offset(fh, info), info.file_size, path=path
+                )
                 if got != info.CRC:
                     raise CheckpointError(
                         f"{path}: storage record {info.filename} fails its CRC-32 check (stored "
@@ -300,7 +306,7 @@ def fill_crcs(path: str | os.PathLike[str]) -> None:
                 pos += 46 + len(info.filename.encode()) + len(info.extra) + len(info.comment)
                 if "/data/" not in info.filename:
                     continue
-                crc = crc32_range(fd, _local_data_offset(fh, info), info.file_size)
+                crc = crc32_range(fd, _local_data_offset(fh, info), info.file_size, path=str(path))
                 raw = struct.pack("<I", crc)
                 if os.pread(fd, 4, entry) != b"PK\x01\x02":
                     raise CheckpointError(f"{path}: unexpected central directory layout")

@@ -26,10 +26,11 @@ class ReshapePolicy:
     - ``enabled``: reshape at all; when False a changed layout stops with an error.
     - ``output_dir``: where reshaped copies go (default: inside the checkpoint directory,
       ``X.ckpt/reshaped-tp1-pp1-dp2-zero2/``); the original files are never touched.
-    - ``keep_old``: keep earlier reshaped copies of the same checkpoint (default True). With
-      False only the newest stays: older ones (only folders named ``reshaped-*`` that we wrote)
-      are deleted once the new copy is loaded. Not the default: a second job resuming the same
-      checkpoint at another layout at the same time may be loading one of them.
+    - ``keep_old``: keep earlier reshaped copies of the same checkpoint. By default (False)
+      only the newest stays: older ones (only finished folders named ``reshaped-*`` that we
+      wrote) are deleted once the new copy is loaded, except copies another job is loading or
+      writing at that moment (every rank holds a shared lock on a copy while it loads it; see
+      ``checkpoint/copies.py``). The log says where copies go and their size on disk.
     - ``verify``: compare the fresh reshaped copy with the original, tensor by tensor, bit for
       bit, before loading it (reads both checkpoints once more; off by default).
     - ``trust_checkpoint``: allow arbitrary pickled types when reading the source.
@@ -43,7 +44,7 @@ class ReshapePolicy:
 
     enabled: bool = True
     output_dir: str | None = None
-    keep_old: bool = True
+    keep_old: bool = False
     verify: bool = False
     trust_checkpoint: bool = False
     workers: int = 1
@@ -72,7 +73,7 @@ class AutoReshape(Callback):
         self,
         enabled: bool = True,
         output_dir: str | os.PathLike[str] | None = None,
-        keep_old: bool = True,
+        keep_old: bool = False,
         verify: bool = False,
         trust_checkpoint: bool = False,
         workers: int = 1,

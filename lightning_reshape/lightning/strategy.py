@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import os
-import shutil
 import time
 from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
@@ -32,6 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn import Module
 from torch.optim import Optimizer
 
+from lightning_reshape.checkpoint.copies import hold_in_use, remove_other_copies
 from lightning_reshape.checkpoint.reader import MODEL_RE, Z3_MODEL_RE, resolve_checkpoint
 from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, read_sidecar, write_sidecar
@@ -583,30 +583,27 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 "pipeline engine; this change is loaded through a reshaped copy"
             )
         target = self._reshaped_dir(checkpoint_path, current, policy)
-        reused = self._reshape(checkpoint_path, target, current, policy)
-        seconds = time.perf_counter() - start
-        zero_note = ""
-        if saved.zero_stage != current.zero_stage:
-            zero_note = f" (ZeRO {current.zero_stage})"
-        size = _human_bytes(_disk_usage(target)) if self.is_global_zero else ""
-        if reused:
-            done = f"reusing the reshaped copy made earlier, {target} ({size} on disk)"
-        else:
-            done = f"reshaped in {seconds:.1f} s into {target} ({size} on disk)"
-        rank_zero_info(
-            f"lightning-reshape: checkpoint {checkpoint_path} saved at {saved.describe()} "
-            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}{zero_note}: {done}"
-        )
-        client_state = self._engine_load(target)
+        # every rank marks the copy in use from before it is written or checked until its
+        # engine has loaded it: another job's keep_old=False cleanup keeps it meanwhile
+        with hold_in_use(target):
+            reused = self._reshape(checkpoint_path, target, current, policy)
+            seconds = time.perf_counter() - start
+            zero_note = ""
+            if saved.zero_stage != current.zero_stage:
+                zero_note = f" (ZeRO {current.zero_stage})"
+            size = _human_bytes(_disk_usage(target)) if self.is_global_zero else ""
+            if reused:
+                done = f"reusing the reshaped copy made earlier, {target} ({size} on disk)"
+            else:
+                done = f"reshaped in {seconds:.1f} s into {target} ({size} on disk)"
+            rank_zero_info(
+                f"lightning-reshape: checkpoint {checkpoint_path} saved at {saved.describe()} "
+                f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}{zero_note}: {done}"
+            )
+            client_state = self._engine_load(target)
         self.last_resume = ResumeReport(checkpoint_path, saved, current, True, seconds, target)
         if not policy.keep_old and self.is_global_zero:
-            removed, freed = _delete_other_copies(target)
-            if removed:
-                rank_zero_info(
-                    f"lightning-reshape: removed {removed} older reshaped "
-                    f"cop{'y' if removed == 1 else 'ies'} beside it ({_human_bytes(freed)} freed; "
-                    "AutoReshape(keep_old=True) keeps them, output_dir=... puts copies elsewhere)"
-                )
+            _delete_other_copies(target)
         self.barrier("lightning_reshape_loaded")
         return client_state
 
@@ -855,20 +852,20 @@ def _same(a: SavedTopology, b: SavedTopology) -> bool:
     return (a.tp, a.pp, a.dp, a.zero_stage) == (b.tp, b.pp, b.dp, b.zero_stage)
 
 
-def _delete_other_copies(keep: str) -> tuple[int, int]:
-    """Remove sibling ``reshaped-*`` copies we wrote earlier; never the original checkpoint.
-
-    Returns (copies removed, bytes freed)."""
-    parent = os.path.dirname(keep)
-    removed, freed = 0, 0
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        if name.startswith(RESHAPED_PREFIX) and path != keep and os.path.isdir(path):
-            if os.path.isfile(os.path.join(path, "latest")):
-                size = _disk_usage(path)
-                shutil.rmtree(path, ignore_errors=True)
-                removed, freed = removed + 1, freed + size
-    return removed, freed
+def _delete_other_copies(keep: str) -> None:
+    """keep_old=False: remove the sibling ``reshaped-*`` copies we wrote earlier, never the
+    original checkpoint, and never a copy another job is loading or writing (those are kept,
+    with a line each; checkpoint/copies.py says how that is known)."""
+    done = remove_other_copies(keep, RESHAPED_PREFIX)
+    if done.removed:
+        n = len(done.removed)
+        rank_zero_info(
+            f"lightning-reshape: removed {n} older reshaped cop{'y' if n == 1 else 'ies'} beside "
+            f"it ({_human_bytes(done.freed)} freed; only the newest copy is kept: "
+            "AutoReshape(keep_old=True) keeps them all, output_dir=... puts copies elsewhere)"
+        )
+    for path, why in done.kept:
+        rank_zero_info(f"lightning-reshape: kept the older reshaped copy {path}: {why}")
 
 
 def _disk_usage(path: str) -> int:

@@ -128,3 +128,24 @@ def test_export_errors_are_one_line_and_leave_nothing(
     assert capsys.readouterr().err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "taken"]
     shutil.rmtree(broken)
+
+
+def test_strip_prefix(
+    ckpt_root: dict[int, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--strip-prefix``: names that start with it lose it, the others stay; a prefix that no
+    name has, or that leaves a name empty, is one line and exit 2 (tests/lightning/
+    test_hf_export.py runs the Hugging Face case end to end)."""
+    save = ckpt_root[2] / "z2"
+    full = load_file(export_checkpoint(save, tmp_path / "full") / "model.safetensors")
+    got = load_file(
+        export_checkpoint(save, tmp_path / "l1", strip_prefix="l1.") / "model.safetensors"
+    )
+    assert set(got) == {n.removeprefix("l1.") for n in full}
+    assert torch.equal(got["weight"], full["l1.weight"]) and "l2.weight" in got
+    for prefix, says in (("model.", "no tensor name starts with 'model.'"),
+                         ("emb.weight", "leaves 'emb.weight' without a name")):  # fmt: skip
+        assert main(["export", str(save), str(tmp_path / "o"), "--strip-prefix", prefix]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and says in err, err
+    assert not (tmp_path / "o").exists()

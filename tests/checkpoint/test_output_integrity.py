@@ -30,10 +30,11 @@ from pathlib import Path
 
 import pytest
 
-from lightning_reshape.checkpoint import execute
+from lightning_reshape.checkpoint import execute, torchfile
 from lightning_reshape.checkpoint.execute import COMPLETE_MARKER
 from lightning_reshape.checkpoint.verify import verify
 from lightning_reshape.cli import main
+from lightning_reshape.errors import CheckpointError
 from tests.checkpoint.helpers import snapshot
 from tests.deepspeed_harness import run_distributed
 from tests.reshape.workers import Spec, train_worker
@@ -130,6 +131,10 @@ def test_record_lists_every_file_with_size_and_crc(src: Path, tmp_path: Path) ->
     for name, entry in record["files"].items():
         assert (entry["size"], entry["crc32"]) == execute.file_checksum(dst / tag / name)
     assert not list((dst / tag).glob(".*.sum"))  # the writers' sums are folded into the record
+    # the writer's lock file stays, empty, beside the tag folder (execute.lock_output says why:
+    # removing a lock file breaks the lock for a writer waiting on it)
+    assert (dst / f".{tag}.lock").stat().st_size == 0
+    assert sorted(p.name for p in dst.iterdir() if p.name.startswith(".")) == [f".{tag}.lock"]
 
 
 def test_block_checksums_locate_damage(tmp_path: Path) -> None:
@@ -149,9 +154,28 @@ def test_block_checksums_locate_damage(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     [(name, why)] = execute.check_output(tmp_path, record, workers=2)
     assert name == "f.bin" and f"of bytes {2 * block}-{size}" in why and "1 damaged block" in why
+    for entry in (["x"], "12", None, 7):  # a record entry that is not {size, crc32}
+        [(name, why)] = execute.check_output(tmp_path, {"files": {"f.bin": entry}})
+        assert name == "f.bin" and f"its entry in {COMPLETE_MARKER} is " in why, why
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_end_of_file_errors_name_the_file(tmp_path: Path) -> None:
+    """A source shorter than its zip directory says: the read error names the file."""
+    path = tmp_path / "short.pt"
+    path.write_bytes(os.urandom(1000))
+    fd = os.open(path, os.O_RDONLY)
+    out = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(CheckpointError, match=rf"^{path}: unexpected end of file at byte 1000"):
+            torchfile.crc32_range(fd, 0, 2000, path=str(path))
+        with pytest.raises(CheckpointError, match=rf"^{path}: unexpected end of file reading"):
+            execute._copy_range(fd, out, 500, 900, 0, src=str(path))
+    finally:
+        os.close(fd)
+        os.close(out)
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete", "entry"])
 def test_damaged_output_is_redone(
     damage: str,
     src: Path,
@@ -171,6 +195,10 @@ def test_damaged_output_is_redone(
         flip_tensor_byte(shard)
     elif damage == "truncate":
         os.truncate(shard, shard.stat().st_size - 4096)
+    elif damage == "entry":  # its record entry is not {size, crc32} (was an AttributeError)
+        record = json.loads((dst / tag / COMPLETE_MARKER).read_text())
+        record["files"][OPTIM] = ["not", "a", "dict"]
+        (dst / tag / COMPLETE_MARKER).write_text(json.dumps(record))
     else:
         shard.unlink()
     with caplog.at_level("WARNING"):

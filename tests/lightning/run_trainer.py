@@ -7,7 +7,8 @@ parameters, the strategy's resume report, AutoReshape's history) to ``spec["out"
 Spec keys: devices, strategy (registry name), parallel (mapping or None), steps (max_steps),
 global_batch, ckpt_dir + ckpt_every (ModelCheckpoint every N steps: ``step=N.ckpt``), resume,
 stage, save (Trainer.save_checkpoint after fit), policy (AutoReshape arguments),
-forbid_reshape (make the converter raise), model ("mlp" | "gpt"), out, seed, auto_reshape,
+forbid_reshape (make the converter raise), model ("mlp" | "gpt" | "hf_gpt2" | "pipe" |
+"tied_gpt"), out, seed, auto_reshape,
 frozen_tied (mlp: a frozen input projection tied to a second use, saved with the strategy's
 ``exclude_frozen_parameters=True`` and resumed with ``strict_loading=False``, as LoRA-style
 fine-tuning of GPT-2 does).
@@ -120,6 +121,61 @@ def full_params(engine: Any, state: Any) -> dict[str, list[float]]:
     return out
 
 
+# a tiny Hugging Face GPT-2 (config only, nothing downloaded): tests/lightning/test_hf_export.py
+HF_GPT2 = {
+    "vocab_size": 64,
+    "n_positions": 16,
+    "n_embd": 32,
+    "n_layer": 2,
+    "n_head": 4,
+    "resid_pdrop": 0.0,
+    "embd_pdrop": 0.0,
+    "attn_pdrop": 0.0,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
+def make_hf_gpt2(spec: dict[str, Any]) -> Any:
+    """transformers' GPT2LMHeadModel as ``self.model`` of a LightningModule, as users keep it
+    (built in configure_model, so ZeRO 3 partitions it as it is built)."""
+    import lightning.pytorch as pl
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    global_batch = int(spec.get("global_batch", 8))
+    config = GPT2Config(**HF_GPT2)
+
+    class HFModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model: Any = None
+            self.losses: dict[int, float] = {}
+
+        def configure_model(self) -> None:
+            if self.model is None:
+                torch.manual_seed(0)
+                self.model = GPT2LMHeadModel(config)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            sampler = self.trainer.strategy.distributed_sampler_kwargs
+            ids, _ = tokens_for(
+                self.global_step,
+                global_batch,
+                sampler["rank"],
+                sampler["num_replicas"],
+                config.n_positions,
+                config.vocab_size,
+            )
+            loss = self.model(input_ids=ids, labels=ids).loss
+            self.losses[self.global_step] = float(self.all_gather(loss.detach()).mean())
+            return loss
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.01)
+
+    return HFModule()
+
+
 PIPE_MODELS = ("pipe", "tied_gpt")
 
 
@@ -172,6 +228,8 @@ def make_module(spec: dict[str, Any]) -> Any:
 
     if spec.get("model") == "gpt":
         return make_gpt(spec)
+    if spec.get("model") == "hf_gpt2":
+        return make_hf_gpt2(spec)
     if spec.get("model") in PIPE_MODELS:
         return make_pipe(spec)
     global_batch = int(spec.get("global_batch", 8))

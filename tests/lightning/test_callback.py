@@ -22,7 +22,7 @@ def test_history_round_trips_through_state_dict() -> None:
 def test_policy_defaults_without_callback() -> None:
     policy, cb = find_policy([])
     assert cb is None and policy == ReshapePolicy()
-    assert policy.enabled and policy.keep_old and not policy.verify
+    assert policy.enabled and not policy.keep_old and not policy.verify
     assert policy.output_dir is None
     mine = AutoReshape(enabled=False, output_dir="/x", keep_old=False, verify=True)
     policy, cb = find_policy([mine])

@@ -90,8 +90,16 @@ def pp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "resume": str(src4),
             "save": str(tmp / "pp1dp2-step6.ckpt"),
             "dump_step": 6,
+            "policy": {"direct": False},  # with pp2dp1: two copies of src4 at once
         },
-        pp2dp1={**BASE, "devices": 2, "parallel": {"pp": 2}, "steps": 6, "resume": str(src4)},
+        pp2dp1={
+            **BASE,
+            "devices": 2,
+            "parallel": {"pp": 2},
+            "steps": 6,
+            "resume": str(src4),
+            "policy": {"direct": False},
+        },
         pp1dp4={**BASE, "devices": 4, "parallel": {"pp": 1}, "steps": 6, "resume": str(src2)},
         tied_pp1dp2={
             **TIED,

@@ -152,15 +152,33 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
     stale = ck1 / "reshaped-tp1-pp1-dp4-zero1"  # an older copy; keep_old=False removes it
     stale.mkdir()
     (stale / "latest").write_text("checkpoint")
+    in_use = ck1 / "reshaped-tp1-pp1-dp3-zero1"  # another job is loading it: kept
+    (in_use / "checkpoint").mkdir(parents=True)
+    (in_use / "latest").write_text("checkpoint")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom lightning_reshape.checkpoint.copies import hold_in_use\n"
+            f"with hold_in_use({str(in_use)!r}):\n    print('held', flush=True)\n"
+            "    sys.stdin.read()\n",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
 
     second = run(
         tmp_path,
-        up={**base, "devices": 2, "resume": str(ck1), "policy": {"keep_old": False}},
+        # keep_old=False is the default; direct=False: this change goes through a copy
+        up={**base, "devices": 2, "resume": str(ck1), "policy": {"direct": False}},
         down={
             **base,
             "devices": 1,
             "resume": str(ck2),
-            "policy": {"output_dir": str(tmp_path / "copies")},
+            "policy": {"output_dir": str(tmp_path / "copies"), "direct": False},
         },
     )
     up, down = ok(second["up"]), ok(second["down"])
@@ -171,6 +189,10 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
     assert down["resume"]["loaded_from"] == str(copy)
     assert not list(ck2.glob("reshaped-*"))
     assert not stale.exists()
+    assert (in_use / "latest").is_file(), "a copy another job was loading was deleted"
+    assert holder.stdin is not None
+    holder.stdin.close()
+    assert holder.wait(timeout=30) == 0
     assert_continues(up, dp1, exact=False)
     assert_continues(down, dp2, exact=False)
     for ck, snap in before.items():
@@ -187,6 +209,7 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
     ), line
     assert line.endswith(" on disk)"), line  # where the copy went and what it costs
     assert "removed 1 older reshaped copy beside it" in log  # keep_old=False (the default)
+    assert f"kept the older reshaped copy {in_use}: another job is loading it" in log
 
 
 def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:

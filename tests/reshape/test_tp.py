@@ -2,13 +2,15 @@
 parallel layers, replicated norms and biases) trained at the source (tp, dp, ZeRO stage), saved
 with the strategy's sidecar, converted, loaded at the target with stock
 ``engine.load_checkpoint(load_optimizer_states=True)``; every logical fp32 master and optimizer
-state (tp shards joined) must equal the source's bit for bit.
+state (tp shards joined) must equal the source's bit for bit. One source uses DeepSpeed's
+BF16_Optimizer (bf16, ZeRO 1, fp32 gradient accumulation; its bf16 weights are compared too).
 
 Four launches in all: tp 2 and (tp 1, dp 2) sources; tp 1 loads + tp 1 sources; tp 4 loads +
 tp 4 sources; every 2-process load."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +31,10 @@ def _src(tp: int, dp: int, stage: int) -> TPSpec:
     return TPSpec(f"tp{tp}dp{dp}z{stage}", tp, stage, OPT[stage])
 
 
+# bf16 + ZeRO 1 + fp32 gradient accumulation: DeepSpeed's BF16_Optimizer (files bf16_zero_*)
+BF16OPT = TPSpec("tp2dp1z1bf16opt", 2, 1, "adamw", bf16_optimizer=True)
 # sources per launch world size
-SRC_W2 = [_src(2, 1, 1), _src(2, 1, 2), _src(2, 1, 3), _src(1, 2, 1), _src(1, 2, 2)]
+SRC_W2 = [_src(2, 1, 1), _src(2, 1, 2), _src(2, 1, 3), _src(1, 2, 1), _src(1, 2, 2), BF16OPT]
 SRC_W1 = [_src(1, 1, 1), _src(1, 1, 2), _src(1, 1, 3)]
 SRC_W4 = [_src(4, 1, 1), _src(4, 1, 2)]
 # (source name, target tp, target dp, target stage)
@@ -48,10 +52,13 @@ PAIRS_AFTER_W2 = [
     ("tp2dp1z2", 4, 1, 2),
     ("tp2dp1z3", 4, 1, 3),
     ("tp2dp1z2", 2, 2, 2),  # dp 1 -> 2 at tp 2 (4 processes)
+    (BF16OPT.name, 1, 1, 1),  # BF16_Optimizer: tp 2 -> 1
+    (BF16OPT.name, 1, 2, 1),  # BF16_Optimizer: tp 2 dp 1 -> tp 1 dp 2
 ]
 PAIRS_AFTER_W1 = [("tp1dp1z1", 2, 1, 1), ("tp1dp1z2", 2, 1, 2), ("tp1dp1z3", 2, 1, 3)]  # 1 -> 2
 PAIRS_AFTER_W4 = [("tp4dp1z1", 2, 1, 1), ("tp4dp1z2", 2, 1, 2)]  # 4 -> 2 (ZeRO 3: see 2 -> 4)
 ALL_PAIRS = PAIRS_AFTER_W2 + PAIRS_AFTER_W1 + PAIRS_AFTER_W4
+SOURCES = {s.name: s for s in SRC_W2 + SRC_W1 + SRC_W4}
 
 
 def _label(src: str, tp: int, dp: int, stage: int) -> str:
@@ -65,7 +72,7 @@ def _jobs(root: Path, pairs: list[tuple[str, int, int, int]]) -> dict[int, list]
         label = _label(src, tp, dp, stage)
         dst = root / "out" / label.replace(">", "")
         convert_checkpoint(root / "src" / src, dst, tp=tp, dp=dp, zero_stage=stage)
-        spec = TPSpec(src, tp, stage, OPT[int(src[-1])])
+        spec = dataclasses.replace(SOURCES[src], tp=tp, stage=stage)
         expected = str(root / "src" / src / "expected.pt")
         by_world.setdefault(tp * dp, []).append((label, str(dst), spec, expected))
     return by_world

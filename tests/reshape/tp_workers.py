@@ -48,6 +48,16 @@ class TPSpec:
     stage: int
     optimizer: str = "adamw"
     steps: int = 3
+    # bf16 with fp32 gradient accumulation at ZeRO 1: DeepSpeed's BF16_Optimizer
+    bf16_optimizer: bool = False
+
+
+def _config(spec: TPSpec) -> dict[str, Any]:
+    cfg = zero_config(spec.stage)
+    if spec.bf16_optimizer:
+        cfg["bf16"] = {"enabled": True}
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    return cfg
 
 
 def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +75,7 @@ def _engine(spec: TPSpec, world: int) -> tuple[Any, ParallelState]:
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=make_optimizer(spec.optimizer, model.parameters()),
-        config=zero_config(spec.stage),
+        config=_config(spec),
         mpu=state,
     )
     return engine, state
@@ -114,7 +124,14 @@ def _state(engine: Any, state: ParallelState) -> dict[str, Any]:
             k: _join(safe_get_full_optimizer_state(p, k), p, state, f"{name}.{k}")
             for k in sorted(keys)
         }
-    return {"fp32": fp32, "states": states, "global_steps": engine.global_steps}
+    out = {"fp32": fp32, "states": states, "global_steps": engine.global_steps}
+    if engine.bfloat16_enabled() and engine.zero_optimization_stage() < 3:
+        # the bf16 module weights too (DeepSpeed loads them from the model-states files)
+        out["weights"] = {
+            name: _join(p, p, state, f"{name} (bf16)")
+            for name, p in engine.module.named_parameters()
+        }
+    return out
 
 
 def _sidecar(engine: Any, spec: TPSpec, dp: int) -> Sidecar:
@@ -154,6 +171,7 @@ def train_worker(rank: int, world: int, out_dir: str, specs: list[TPSpec]) -> di
 
 def _problems(state: dict[str, Any]) -> list[str]:
     out = [v for v in state["fp32"].values() if isinstance(v, str)]
+    out += [v for v in state.get("weights", {}).values() if isinstance(v, str)]
     out += [v for st in state["states"].values() for v in st.values() if isinstance(v, str)]
     return out
 
@@ -174,6 +192,10 @@ def _diff(expected: dict[str, Any], got: dict[str, Any]) -> list[str]:
             v = g.get(k)
             if torch.is_tensor(v) and not torch.equal(t, v):
                 out.append(f"state {n}.{k} differs")
+    for n, t in expected.get("weights", {}).items():
+        g = got.get("weights", {}).get(n)
+        if not (torch.is_tensor(g) and g.dtype == t.dtype and torch.equal(t, g)):
+            out.append(f"bf16 weight {n} differs")
     if expected["global_steps"] != got["global_steps"]:
         out.append(f"global_steps {expected['global_steps']} vs {got['global_steps']}")
     return out
