@@ -155,12 +155,17 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
 
     second = run(
         tmp_path,
-        up={**base, "devices": 2, "resume": str(ck1), "policy": {"keep_old": False}},
+        up={
+            **base,
+            "devices": 2,
+            "resume": str(ck1),
+            "policy": {"keep_old": False, "direct": False},
+        },
         down={
             **base,
             "devices": 1,
             "resume": str(ck2),
-            "policy": {"output_dir": str(tmp_path / "copies")},
+            "policy": {"output_dir": str(tmp_path / "copies"), "direct": False},
         },
     )
     up, down = ok(second["up"]), ok(second["down"])
@@ -210,7 +215,12 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
 
     out = run(
         tmp_path,
-        tp1={**base, "parallel": {"tp": 1}, "resume": str(ck), "policy": {"verify": True}},
+        tp1={
+            **base,
+            "parallel": {"tp": 1},
+            "resume": str(ck),
+            "policy": {"verify": True, "direct": False},
+        },
         same={**tp2, "resume": str(same_ck), "forbid_reshape": True},
         bare={**base, "parallel": {"tp": 1}, "resume": str(bare_ck)},
     )

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_reshape.checkpoint.convert import convert_checkpoint
+from lightning_reshape.checkpoint.convert import convert_checkpoint, plan_conversion
 from lightning_reshape.checkpoint.direct import load_direct
 from tests.reshape.workers import Spec, _engine, _train, train_worker
 
@@ -99,7 +99,8 @@ def both_paths_worker(
                     converted, load_optimizer_states=True, load_lr_scheduler_states=False
                 )
             else:
-                client = load_direct(engine, src)
+                plan = plan_conversion(src, tp=1, dp=world)
+                client = load_direct(engine, plan, load_lr_scheduler_states=False)
             res[path] = {"loaded": _raw(engine, client), "after": _after_steps(engine, spec, more)}
             dist.barrier()
             engine.destroy()
