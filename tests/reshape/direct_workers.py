@@ -247,6 +247,25 @@ def truncated_source(rank: int, job: Job, scratch: str) -> dict[str, Any]:
     return {"error": error, "restored": restored, "temp_left": _ours_left()}
 
 
+def zero3_without_optimizer(rank: int, job: Job) -> dict[str, Any]:
+    """DeepSpeed's ZeRO 3 load without optimizer states reads the files itself: the direct load
+    says so (the strategy then takes the copy path) and leaves the engine as it was."""
+    from lightning_reshape.checkpoint.direct import direct_unsupported_reason
+    from lightning_reshape.errors import CheckpointError
+
+    engine, extra = build(at(job.target, job.target.world, stage=3))
+    reasons = [direct_unsupported_reason(engine, load_optimizer_states=f) for f in (True, False)]
+    plan = plan_conversion(job.src, **{**job.to, "zero_stage": 3})
+    before, error = engine.checkpoint_engine, ""
+    try:
+        load_direct(engine, plan, load_optimizer_states=False)
+    except CheckpointError as exc:
+        error = str(exc)
+    restored = engine.checkpoint_engine is before
+    release(engine, extra)
+    return {"reasons": reasons, "error": error, "restored": restored, "temp_left": _ours_left()}
+
+
 def worker(
     rank: int,
     world: int,
@@ -263,6 +282,7 @@ def worker(
     out: dict[str, Any] = {job.label: both_paths(rank, job, out_dir) for job in jobs}
     if fail is not None:
         out["truncated"] = truncated_source(rank, fail, out_dir)
+        out["zero3_no_optim"] = zero3_without_optimizer(rank, fail)
     return out
 
 

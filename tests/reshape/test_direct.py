@@ -109,3 +109,32 @@ def test_bf16_sources_use_deepspeeds_bf16_file_names(results: dict[str, Any]) ->
         tag = Path(results["root"]) / f"{name}-bf16" / "src"
         assert list(tag.glob("bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt")), name
         assert not list(tag.glob("zero_pp_rank_*_optim_states.pt")), name
+
+
+def test_zero3_load_without_optimizer_states_is_refused(results: dict[str, Any]) -> None:
+    for _, res in results["zero3_no_optim"]:
+        assert res["reasons"][0] is None
+        assert "ZeRO 3 load without optimizer states" in res["reasons"][1]
+        assert "cannot load directly" in res["error"], res["error"]
+        assert res["restored"] and res["temp_left"] == []
+
+
+def test_sink_checks_source_crcs(results: dict[str, Any], tmp_path: Path) -> None:
+    """A flipped bit in a source record the sink reads is refused (naming the file and record)
+    before its bytes reach an engine; without the check they would be used."""
+    import shutil
+
+    from lightning_reshape.checkpoint.convert import plan_conversion
+    from lightning_reshape.checkpoint.engine_sink import SourceFiles, materialize
+    from lightning_reshape.errors import CheckpointError
+    from tests.checkpoint.test_output_integrity import flip_tensor_byte
+
+    save = tmp_path / "z2"
+    shutil.copytree(Path(results["root"]) / "z2-fp32", save)
+    shard = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    flip_tensor_byte(save / "src" / shard)
+    plan = plan_conversion(save, dp=1)
+    target = next(f for f in plan.files if f.name.endswith("optim_states.pt"))
+    assert materialize(plan, target, SourceFiles(plan, None))  # unchecked: read as found
+    with pytest.raises(CheckpointError, match=f"{shard}: storage record data/.* CRC-32"):
+        materialize(plan, target, SourceFiles(plan, set()))
