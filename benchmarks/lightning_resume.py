@@ -254,7 +254,7 @@ def main() -> None:
     if not kinds <= {"dp", "tp", "zero", "pp"}:
         parser.error(f"--rows {args.rows!r}: choose from dp, tp, zero, pp")
     rows = {name: row for name, row in ROWS.items() if row[0] in kinds}
-    print(f"load average before: {os.getloadavg()[0]:.1f} (2-minute runs share the machine)")
+    print(f"load average before: {os.getloadavg()[0]:.1f} (1-minute; the machine is shared)")
     needed = {row[1] for row in rows.values()} | {row[3] for row in rows.values()}
     for name in sorted(needed):
         _checkpoint(work, name)

@@ -8,7 +8,8 @@ its own load (every format, its own fragment linking) on it with no copy on disk
 values from the source loaded by torch's loader (memory-mapped: bytes no plan item names are
 never read), ``TensorFill`` a zero tensor filled from its ``Copy`` ranges (only those elements
 are read), ``tie`` the same tensor object. Every source storage record used is CRC-32 checked
-first, as the copy path checks it.
+first, as the copy path checks it: that check reads each such record once, whole (a zip CRC
+covers its record), so a rank also reads the parts of a record other ranks need.
 """
 
 from __future__ import annotations

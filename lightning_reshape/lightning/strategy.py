@@ -576,7 +576,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 f"{saved.tp * saved.pp * saved.dp} devices"
             )
         if policy.direct:
-            reason = self._direct_unsupported()
+            reason = self._direct_unsupported(policy)
             if reason is None:
                 return self._load_direct(checkpoint_path, saved, current, policy, start)
             rank_zero_info(
@@ -615,10 +615,12 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         assert self.lightning_module is not None
         return self.lightning_module.trainer.state.fn == TrainerFn.FITTING
 
-    def _direct_unsupported(self) -> str | None:
+    def _direct_unsupported(self, policy: ReshapePolicy) -> str | None:
         """Why DeepSpeed's own load on this engine cannot be served from the plan (None: it can)."""
         from lightning_reshape.checkpoint.direct import direct_unsupported_reason
 
+        if policy.verify:
+            return "AutoReshape(verify=True), which checks a reshaped copy"
         return direct_unsupported_reason(
             self.deepspeed_engine, load_optimizer_states=self._fitting()
         )
