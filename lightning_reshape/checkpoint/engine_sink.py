@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from lightning_reshape.checkpoint import torchfile
-from lightning_reshape.checkpoint.execute import _convert, _get, _set
+from lightning_reshape.checkpoint.execute import _convert, _get, _read_scattered, _set
 from lightning_reshape.checkpoint.plan import Carry, Copy, Plan, SetValue, TargetFile, TensorFill
 from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.errors import CheckpointError
@@ -75,9 +75,11 @@ class SourceFiles:
                 f"{self.path(name)}: key {key!r} missing; the file does not match its manifest"
             ) from None
 
-    def fd(self, name: str, stored: torchfile.StoredFile) -> int:
-        """A read-only descriptor of the very file our reader read (kept until :meth:`close`)."""
+    def fd(self, name: str, stored: torchfile.StoredFile | None = None) -> int:
+        """A read-only descriptor of the very file our reader read (kept until :meth:`close`;
+        the first call for a file passes its ``stored`` record)."""
         if name not in self._fds:
+            assert stored is not None
             self._fds[name] = stored.open()
         return self._fds[name]
 
@@ -150,15 +152,26 @@ def _build(tf: TargetFile, sources: SourceFiles) -> dict[Any, Any]:
 def _fill(item: TensorFill, sources: SourceFiles) -> torch.Tensor:
     """A tensor of the target dtype and shape: the planned source elements, zero elsewhere.
 
-    Why ``empty`` and reads into place: each byte of the target is written once (a zero fill
-    first would touch a whole optimizer partition twice), and a contiguous source run of the
-    same dtype is read from the file straight into the tensor (one ``preadv``, no page faults
-    on a memory map)."""
+    Why ``empty`` and reads into place: each byte of the target is written once, and runs
+    stored contiguously in the target's dtype are read from the files straight into the tensor,
+    many per syscall (``execute._read_scattered``: a row-parallel split is thousands of short
+    runs); only casts and strided views go through torch's memory map."""
     out = torch.empty(item.shape, dtype=torchfile.dtype(item.dtype).to_torch())
     flat = out.view(-1)
+    esize = flat.element_size()
+    reads: dict[str, list[tuple[str, int, int, int]]] = {}
     for c in item.copies:
-        if c.numel and not _read_into(flat, c, sources):
+        at = _file_offset(flat, c, sources) if c.numel else None
+        if at is not None:
+            run = (c.src_file, at + c.src_offset * esize, c.dst_offset * esize, c.numel * esize)
+            reads.setdefault(c.src_file, []).append(run)
+        elif c.numel:
             flat.narrow(0, c.dst_offset, c.numel).copy_(_source_run(c, sources, out))
+    if reads:
+        view = memoryview(flat.view(torch.uint8).numpy())
+        for name, runs in reads.items():
+            runs.sort(key=lambda r: r[1])
+            _read_scattered(sources.fd(name), sources.path(name), runs, view, 0)
     end = 0
     for a, b in sorted((c.dst_offset, c.dst_offset + c.numel) for c in item.copies if c.numel):
         if a > end:
@@ -169,26 +182,19 @@ def _fill(item: TensorFill, sources: SourceFiles) -> torch.Tensor:
     return out
 
 
-def _read_into(flat: torch.Tensor, c: Copy, sources: SourceFiles) -> bool:
-    """Read run ``c`` from the file into ``flat`` when it is stored contiguously in the target's
-    dtype; False: the caller copies it through torch (a cast, a strided view)."""
+def _file_offset(flat: torch.Tensor, c: Copy, sources: SourceFiles) -> int | None:
+    """Byte offset in its file of the source tensor of ``c`` when the run can be read into
+    ``flat`` as stored (contiguous, the target's dtype, in bounds); None otherwise."""
     ref = sources.ref(c.src_file, c.src_key)
     if not isinstance(ref, torchfile.TensorRef) or ref.storage.file is None:
-        return False
+        return None
     at = ref.file_offset if ref.is_contiguous() else None
     if at is None or ref.dtype.to_torch() != flat.dtype:
-        return False
+        return None
     if c.src_offset + c.numel > ref.numel() or c.dst_offset + c.numel > flat.numel():
-        return False  # the torch path names the mismatch
-    view = memoryview(flat.narrow(0, c.dst_offset, c.numel).view(torch.uint8).numpy())
-    fd = sources.fd(c.src_file, ref.storage.file)
-    pos, done = at + c.src_offset * flat.element_size(), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], pos + done)
-        if n <= 0:
-            raise CheckpointError(f"{sources.path(c.src_file)}: unexpected end of file at {pos}")
-        done += n
-    return True
+        return None  # the torch path names the mismatch
+    sources.fd(c.src_file, ref.storage.file)  # opened now: the very file our reader read
+    return at
 
 
 def _source_run(c: Copy, sources: SourceFiles, out: torch.Tensor) -> torch.Tensor:
