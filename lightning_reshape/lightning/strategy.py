@@ -581,7 +581,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 return self._load_direct(checkpoint_path, saved, current, policy, start)
             rank_zero_info(
                 f"lightning-reshape: loading {checkpoint_path} through a reshaped copy: the direct "
-                f"load cannot work with {reason}"
+                f"load cannot serve this run ({reason})"
             )
         target = self._reshaped_dir(checkpoint_path, current, policy)
         reused = self._reshape(checkpoint_path, target, current, policy)
