@@ -1,21 +1,22 @@
 """Benchmark ``Trainer.fit(ckpt_path=...)`` to the first training step: with and without a change.
 
 Why: the promise is that resuming at another layout costs about what resuming at the same one
-does. Writes (once, cached in --workdir) ~1.3 GB ZeRO-1 AdamW fp32 checkpoints at dp 1 and
-dp 2 with ``ReshapeDeepSpeedStrategy`` (an ~85M-parameter MLP), then times, each in fresh processes
-(2 ranks, CPU, gloo), the wall time from ``Trainer.fit`` to the first ``training_step``:
+does (target: <= 1.1x). Writes (once, cached in --workdir) ~1.4 GB AdamW fp32 checkpoints with
+``ReshapeDeepSpeedStrategy`` (an ~85M-parameter MLP: plain, tensor-parallel, or as pipeline
+layers), then times, each in fresh processes (CPU, gloo), the wall time from ``Trainer.fit`` to
+the first ``training_step`` of each change beside the unchanged resume at its target layout:
 
-- resume at the saved dp (no change: plain DeepSpeed load), at dp 1 and at dp 2;
-- resume at the other dp (change: the strategy writes a reshaped copy, DeepSpeed loads it);
-- the same change with ``AutoReshape(direct=True)`` (each rank fills its ZeRO partitions straight
-  from the slices of the source it owns; no copy written);
-- DeepSpeed's own path for the same change: ``ds_to_universal`` (timed as a process) plus a
-  ``load_universal`` resume at dp 1;
-- the pipeline engine (the same layers as a ``PipelineLightningModule``, 2 ranks): pp 2 -> pp 1
-  x dp 2 and pp 1 x dp 2 -> pp 2, each beside the unchanged resume at its target layout.
+- dp 2 -> 1 and dp 1 -> 2 (ZeRO 2), tp 2 -> (tp 1, dp 2) (ZeRO 1), ZeRO 2 -> 3 (dp 2),
+  pp 2 -> 1 (pipeline engine, pp 1 x dp 2); every change loads directly (the default: no copy
+  written), and the table says whether any reshaped copy is on disk afterwards;
+- ``--with-copy``: the same changes through the copy path (``AutoReshape(direct=False)``);
+- ``--universal``: DeepSpeed's own path for dp 2 -> 1 (``ds_to_universal`` + ``load_universal``).
+
+The direct rows also split their load: planning, building the target state dicts from the
+source (the engine sink, reading included) and the rest (DeepSpeed's own load).
 
     python benchmarks/lightning_resume.py [--workdir /tmp/lightning_reshape_bench_lightning]
-                                          [--rows dp,pp]
+                                          [--rows dp,tp,zero,pp] [--with-copy] [--universal]
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-HIDDEN = 3072
+HIDDEN = int(os.environ.get("LIGHTNING_RESHAPE_BENCH_HIDDEN", "3072"))  # smaller: a smoke run
 LAYERS = 9  # 9 x (3072 x 3072 + 3072) = 84.9M parameters
 
 
@@ -41,6 +42,7 @@ def _worker(spec: dict[str, Any]) -> None:
     import torch
     from torch.utils.data import DataLoader
 
+    import lightning_reshape.checkpoint.direct as direct
     from lightning_reshape.lightning import (
         AutoReshape,
         PipelineLayers,
@@ -48,6 +50,19 @@ def _worker(spec: dict[str, Any]) -> None:
         ReshapeDeepSpeedStrategy,
         pipeline_step,
     )
+    from lightning_reshape.nn import ColumnParallelLinear, RowParallelLinear
+
+    sink_seconds = [0.0]
+    materialize = direct.materialize
+
+    def timed_materialize(*args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return materialize(*args)
+        finally:
+            sink_seconds[0] += time.perf_counter() - t0
+
+    direct.materialize = timed_materialize
 
     class Plain(ReshapeDeepSpeedStrategy):
         """DeepSpeed's own load (Lightning's DeepSpeedStrategy behaviour, on CPU)."""
@@ -61,24 +76,49 @@ def _worker(spec: dict[str, Any]) -> None:
             return client
 
     class Timed(ReshapeDeepSpeedStrategy):
+        plan_seconds = 0.0
+
         def load_checkpoint(self, checkpoint_path: Any, weights_only: Any = None) -> Any:
             t0 = time.perf_counter()
             client = super().load_checkpoint(checkpoint_path, weights_only)
             self.load_seconds = time.perf_counter() - t0
             return client
 
+        def _plan(self, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.perf_counter()
+            plan = super()._plan(*args, **kwargs)
+            self.plan_seconds = time.perf_counter() - t0
+            return plan
+
     class MLP(pl.LightningModule):
-        def __init__(self) -> None:
+        """Plain layers, or with ``tp`` column- and row-parallel ones (the same shapes)."""
+
+        def __init__(self, tp: bool) -> None:
             super().__init__()
-            torch.manual_seed(0)
-            self.net = torch.nn.Sequential(
-                *[torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS)]
-            )
+            self.tp = tp
+            self.net: torch.nn.Module | None = None
             self.first_step_at: float | None = None
+
+        def configure_model(self) -> None:
+            if self.net is not None:
+                return
+            torch.manual_seed(0)
+            if not self.tp:
+                layers = [torch.nn.Linear(HIDDEN, HIDDEN) for _ in range(LAYERS)]
+            else:
+                group = self.trainer.strategy.parallel_state
+                layers = [
+                    RowParallelLinear(HIDDEN, HIDDEN, group)
+                    if i % 2
+                    else ColumnParallelLinear(HIDDEN, HIDDEN, group, gather_output=i == LAYERS - 1)
+                    for i in range(LAYERS)
+                ]
+            self.net = torch.nn.Sequential(*layers)
 
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
             if self.first_step_at is None:
                 self.first_step_at = time.perf_counter()
+            assert self.net is not None
             return self.net(batch).pow(2).mean()
 
         def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -105,7 +145,7 @@ def _worker(spec: dict[str, Any]) -> None:
             return torch.optim.AdamW(self.parameters(), lr=1e-4)
 
     config: dict[str, Any] = {
-        "zero_optimization": {"stage": 1},
+        "zero_optimization": {"stage": int(spec.get("stage", 1))},
         "zero_allow_untested_optimizer": True,
         "train_micro_batch_size_per_gpu": 2,
     }
@@ -113,7 +153,8 @@ def _worker(spec: dict[str, Any]) -> None:
         config["checkpoint"] = {"load_universal": True}
     cls = Plain if spec.get("plain") else Timed
     pipe = spec.get("pp") is not None
-    strategy = cls(config=config, parallel={"pp": int(spec["pp"])} if pipe else None)
+    parallel = {"pp": int(spec["pp"])} if pipe else {"tp": int(spec.get("tp") or 1)}
+    strategy = cls(config=config, parallel=parallel)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=int(spec["devices"]),
@@ -123,9 +164,9 @@ def _worker(spec: dict[str, Any]) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
-        callbacks=[AutoReshape(direct=True)] if spec.get("direct") else None,
+        callbacks=[AutoReshape(direct=not spec.get("copy"))],
     )
-    module: Any = PipeMLP() if pipe else MLP()
+    module: Any = PipeMLP() if pipe else MLP(spec.get("tp") is not None)
     loader = DataLoader(torch.randn(64, HIDDEN), batch_size=2)
     start = time.perf_counter()
     trainer.fit(module, loader, ckpt_path=spec.get("resume"))
@@ -138,6 +179,8 @@ def _worker(spec: dict[str, Any]) -> None:
             "fit_to_first_step": module.first_step_at - start,
             "load_checkpoint": getattr(strategy, "load_seconds", None),
             "reshape": None if report is None or not report.reshaped else report.seconds,
+            "plan": getattr(strategy, "plan_seconds", None),
+            "sink": sink_seconds[0],
         }
         Path(spec["out"]).write_text(json.dumps(result))
 
@@ -173,107 +216,107 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+#: checkpoint name -> how it is trained (devices, layout, stage); each saved once, cached
+CHECKPOINTS: dict[str, dict[str, Any]] = {
+    "dp1": {"devices": 1, "stage": 2},
+    "dp2": {"devices": 2, "stage": 2},
+    "z3dp2": {"devices": 2, "stage": 3},
+    "tp2": {"devices": 2, "stage": 1, "tp": 2},
+    "tp1dp2": {"devices": 2, "stage": 1, "tp": 1},
+    "pp2": {"devices": 2, "stage": 1, "pp": 2},
+    "pp1dp2": {"devices": 2, "stage": 1, "pp": 1},
+}
+
+#: row -> (source checkpoint, the run's layout, the unchanged resume's checkpoint at that layout)
+ROWS: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "dp 2 -> 1": ("dp", "dp2", {"devices": 1, "stage": 2}, "dp1"),
+    "dp 1 -> 2": ("dp", "dp1", {"devices": 2, "stage": 2}, "dp2"),
+    "tp 2 -> (tp 1, dp 2)": ("tp", "tp2", {"devices": 2, "stage": 1, "tp": 1}, "tp1dp2"),
+    "ZeRO 2 -> 3": ("zero", "dp2", {"devices": 2, "stage": 3}, "z3dp2"),
+    "pp 2 -> 1": ("pp", "pp2", {"devices": 2, "stage": 1, "pp": 1}, "pp1dp2"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="/tmp/lightning_reshape_bench_lightning")
     parser.add_argument(
         "--rows",
-        default="dp,pp",
-        help="which changes to time: dp (ZeRO dp changes, direct, universal), pp (pipeline "
-        "engine pp 2 <-> 1 on 2 ranks), or both",
+        default="dp,tp,zero,pp",
+        help="which changes to time: dp (2 -> 1, 1 -> 2), tp, zero (ZeRO 2 -> 3), pp",
     )
+    parser.add_argument("--with-copy", action="store_true", help="also time the copy path")
+    parser.add_argument("--universal", action="store_true", help="also time ds_to_universal")
     args = parser.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)
     kinds = {k.strip() for k in args.rows.split(",")}
-    if not kinds <= {"dp", "pp"}:
-        parser.error(f"--rows {args.rows!r}: choose dp, pp or dp,pp")
-    if "dp" in kinds:
-        _dp_rows(work)
-    if "pp" in kinds:
-        _pp_rows(work)
+    if not kinds <= {"dp", "tp", "zero", "pp"}:
+        parser.error(f"--rows {args.rows!r}: choose from dp, tp, zero, pp")
+    rows = {name: row for name, row in ROWS.items() if row[0] in kinds}
+    print(f"load average before: {os.getloadavg()[0]:.1f} (1-minute; the machine is shared)")
+    needed = {row[1] for row in rows.values()} | {row[3] for row in rows.values()}
+    for name in sorted(needed):
+        _checkpoint(work, name)
+    table: list[tuple[str, str, float, dict[str, Any], bool]] = []
+    for name, (_, src, layout, same) in rows.items():
+        base = _timed(work, f"{name} unchanged", {**layout, "resume": str(work / same)})
+        table.append((name, "no change", 0.0, base, False))
+        for how in ("direct", "copy") if args.with_copy else ("direct",):
+            spec = {**layout, "resume": str(work / src), "copy": how == "copy"}
+            r = _timed(work, f"{name} {how}", spec)
+            copy_left = bool(list((work / src).glob("reshaped-*")))
+            table.append(
+                (name, how, r["fit_to_first_step"] / base["fit_to_first_step"], r, copy_left)
+            )
+            for old in (work / src).glob("reshaped-*"):
+                shutil.rmtree(old)
+    _print(table)
+    if args.universal:
+        _universal(work)
+    print(f"load average after: {os.getloadavg()[0]:.1f}")
 
 
-def _timed(work: Path, rows: list, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    out = work / f"{name.replace(' ', '_').replace('>', '')}.json"
+def _checkpoint(work: Path, name: str) -> None:
+    ckpt = work / name
+    if not (ckpt / "latest").is_file():
+        shutil.rmtree(ckpt, ignore_errors=True)
+        _run({**CHECKPOINTS[name], "steps": 1, "save": str(ckpt)})
+    for old in ckpt.glob("reshaped-*"):
+        shutil.rmtree(old)
+    print(f"checkpoint {name}: {_size(ckpt / 'checkpoint') / 1e9:.2f} GB, {CHECKPOINTS[name]}")
+
+
+def _timed(work: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+    out = work / f"{name.replace(' ', '_').replace('>', '').replace('(', '').replace(')', '')}.json"
+    out.unlink(missing_ok=True)
     wall = _run({**spec, "steps": 2, "out": str(out)})
-    result = json.loads(out.read_text())
-    rows.append((name, wall, result))
-    return result
+    return {**json.loads(out.read_text()), "process": wall}
 
 
-def _pp_rows(work: Path) -> None:
-    """Pipeline engine on 2 ranks: pp 2 x dp 1 <-> pp 1 x dp 2, beside the unchanged resumes."""
-    ckpts = {pp: work / f"pp{pp}.ckpt" for pp in (1, 2)}
-    for pp, ckpt in ckpts.items():
-        if not (ckpt / "latest").is_file():
-            shutil.rmtree(ckpt, ignore_errors=True)
-            _run({"devices": 2, "pp": pp, "steps": 1, "save": str(ckpt)})
-        for old in ckpt.glob("reshaped-*"):
-            shutil.rmtree(old)
-        size = _size(ckpt / "checkpoint")
-        print(f"checkpoint {ckpt}: {size / 1e9:.2f} GB, pipeline engine, ZeRO 1, pp {pp}")
-    rows: list[tuple[str, float, dict[str, Any]]] = []
-    same2 = _timed(
-        work, rows, "pp 2 -> pp 2 (no change)", {"devices": 2, "pp": 2, "resume": str(ckpts[2])}
+def _print(table: list[tuple[str, str, float, dict[str, Any], bool]]) -> None:
+    print(
+        f"{'change':<22} {'path':<9} {'fit->1st s':>10} {'ratio':>6} {'load s':>7} "
+        f"{'plan s':>7} {'sink s':>7} {'DS rest s':>9} {'copy on disk':>12}"
     )
-    down = _timed(
-        work, rows, "pp 2 -> pp 1 dp 2 (reshape)", {"devices": 2, "pp": 1, "resume": str(ckpts[2])}
-    )
-    same1 = _timed(
-        work, rows, "pp 1 -> pp 1 (no change)", {"devices": 2, "pp": 1, "resume": str(ckpts[1])}
-    )
-    up = _timed(
-        work, rows, "pp 1 dp 2 -> pp 2 (reshape)", {"devices": 2, "pp": 2, "resume": str(ckpts[1])}
-    )
-    print(f"{'run':<34} {'fit->1st step s':>16} {'load s':>8} {'process s':>10}")
-    for name, wall, r in rows:
-        load = r["load_checkpoint"]
-        print(f"{name:<34} {r['fit_to_first_step']:>16.2f} {load or 0:>8.2f} {wall:>10.2f}")
-    for name, r, base in (("pp 2 -> 1", down, same1), ("pp 1 -> 2", up, same2)):
+    for name, how, ratio, r, copy_left in table:
+        load = r["load_checkpoint"] or 0.0
+        plan = r.get("plan") or 0.0
+        sink = r.get("sink") or 0.0
+        split = how == "direct"
         print(
-            f"{name}: fit->first step {r['fit_to_first_step'] / base['fit_to_first_step']:.2f}x "
-            f"the unchanged resume at the target layout (target <= 1.5x); load_checkpoint "
-            f"{r['load_checkpoint'] / base['load_checkpoint']:.2f}x (reshape {r['reshape']:.2f} s)"
+            f"{name:<22} {how:<9} {r['fit_to_first_step']:>10.2f} "
+            f"{(f'{ratio:.2f}x' if ratio else ''):>6} {load:>7.2f} "
+            f"{(f'{plan:.2f}' if split else ''):>7} {(f'{sink:.2f}' if split else ''):>7} "
+            f"{(f'{load - plan - sink:.2f}' if split else ''):>9} "
+            f"{('yes' if copy_left else 'no') if how != 'no change' else '':>12}"
         )
+    print("target: a change <= 1.1x the unchanged resume at its target layout (fit->1st step)")
 
 
-def _dp_rows(work: Path) -> None:
-    """ZeRO-1 dp changes (copy, direct) and DeepSpeed's universal path."""
-    ckpts = {dp: work / f"dp{dp}.ckpt" for dp in (1, 2)}
-    for dp, ckpt in ckpts.items():
-        if not (ckpt / "latest").is_file():
-            shutil.rmtree(ckpt, ignore_errors=True)
-            _run({"devices": dp, "steps": 1, "save": str(ckpt)})
-        for old in ckpt.glob("reshaped-*"):
-            shutil.rmtree(old)
-        size = _size(ckpt / "checkpoint")
-        print(
-            f"checkpoint {ckpt}: {size / 1e9:.2f} GB, ZeRO 1, dp {dp}, "
-            f"{LAYERS * (HIDDEN + 1) * HIDDEN / 1e6:.1f}M parameters"
-        )
-    ckpt = ckpts[2]
-
-    rows: list[tuple[str, float, dict[str, Any]]] = []
-
-    def timed(name: str, spec: dict[str, Any]) -> dict[str, Any]:
-        out = work / f"{name.replace(' ', '_')}.json"
-        wall = _run({**spec, "steps": 2, "out": str(out)})
-        result = json.loads(out.read_text())
-        rows.append((name, wall, result))
-        return result
-
-    same2 = timed("dp 2 -> dp 2 (no change)", {"devices": 2, "resume": str(ckpts[2])})
-    up = timed("dp 1 -> dp 2 (reshape)", {"devices": 2, "resume": str(ckpts[1])})
-    same1 = timed("dp 1 -> dp 1 (no change)", {"devices": 1, "resume": str(ckpts[1])})
-    down = timed("dp 2 -> dp 1 (reshape)", {"devices": 1, "resume": str(ckpts[2])})
-    up_direct = timed(
-        "dp 1 -> dp 2 (direct)", {"devices": 2, "resume": str(ckpts[1]), "direct": True}
-    )
-    down_direct = timed(
-        "dp 2 -> dp 1 (direct)", {"devices": 1, "resume": str(ckpts[2]), "direct": True}
-    )
-    uni = work / "universal"
+def _universal(work: Path) -> None:
+    """DeepSpeed's own path for dp 2 -> 1: ds_to_universal (timed as a process) + its load."""
+    ckpt, uni = work / "dp2", work / "universal"
     shutil.rmtree(uni, ignore_errors=True)
     uni.mkdir()
     t0 = time.perf_counter()
@@ -294,30 +337,11 @@ def _dp_rows(work: Path) -> None:
     )
     to_universal = time.perf_counter() - t0
     (uni / "latest_universal").write_text("checkpoint")
-    universal = timed(
-        "dp 2 -> dp 1 (load_universal)",
-        {"devices": 1, "resume": str(uni), "plain": True, "universal": True},
-    )
-
-    print(f"{'run':<34} {'fit->1st step s':>16} {'load s':>8} {'process s':>10}")
-    for name, wall, r in rows:
-        load = r["load_checkpoint"]
-        print(f"{name:<34} {r['fit_to_first_step']:>16.2f} {load or 0:>8.2f} {wall:>10.2f}")
-    print(f"{'ds_to_universal (offline)':<34} {'':>16} {'':>8} {to_universal:>10.2f}")
-    for name, r, base in (
-        ("dp 1 -> 2", up, same2),
-        ("dp 2 -> 1", down, same1),
-        ("dp 1 -> 2 direct", up_direct, same2),
-        ("dp 2 -> 1 direct", down_direct, same1),
-    ):
-        print(
-            f"{name}: fit->first step {r['fit_to_first_step'] / base['fit_to_first_step']:.2f}x "
-            f"the unchanged resume (target <= 1.5x); load_checkpoint "
-            f"{r['load_checkpoint'] / base['load_checkpoint']:.2f}x (reshape {r['reshape']:.2f} s)"
-        )
+    spec = {"devices": 1, "stage": 2, "resume": str(uni), "plain": True, "universal": True}
+    r = _timed(work, "dp 2 -> 1 universal", spec)
     print(
-        "dp 2 -> 1, DeepSpeed universal (ds_to_universal + fit->first step): "
-        f"{(universal['fit_to_first_step'] + to_universal) / same1['fit_to_first_step']:.2f}x"
+        f"dp 2 -> 1, DeepSpeed universal: ds_to_universal {to_universal:.2f} s + fit->first step "
+        f"{r['fit_to_first_step']:.2f} s"
     )
 
 

@@ -40,7 +40,7 @@ class AutoReshapeSchema:
     verify: bool = False
     trust_checkpoint: bool = False
     workers: int = 1
-    direct: bool = False  # dp-only ZeRO 1/2 change: load straight into the engine, no copy
+    direct: bool = True  # load straight into the engine, no copy (False: write a reshaped copy)
 
 
 def register_schemas(store: ConfigStore | None = None) -> None:

@@ -1,194 +1,136 @@
-"""Reshape straight into a live DeepSpeed engine: a data-parallel-only change under ZeRO 1/2.
+"""Load a checkpoint at another layout straight into a live DeepSpeed engine: no copy on disk.
 
-Why: writing a reshaped copy and loading it costs a full write and a full read of the optimizer
-state (issue 5, Benchmark). When only dp changes (same tp, pp = 1, same ZeRO stage 1 or 2, the
-plain ``"zero"`` wrapper), every rank can instead read the slices it owns from the source shards
-(memory-mapped) and put them where DeepSpeed keeps them, with the same result bit for bit as
-``convert`` followed by ``engine.load_checkpoint(load_optimizer_states=True)``.
+Why: the copy path writes a whole reshaped checkpoint beside the original and DeepSpeed reads it
+back (twice the IO, twice the disk). Here the same :class:`Plan` feeds a second sink: DeepSpeed's
+own ``engine.load_checkpoint`` runs unchanged on a private folder of zero-byte placeholders named
+as the plan's target files, and the engine's ``checkpoint_engine`` is wrapped so that loading a
+placeholder returns :func:`engine_sink.materialize` of that target file, built from the slices
+of the source this rank needs. DeepSpeed's name logic (``mp_rank_*``, ``zero_pp_rank_*`` vs
+``bf16_zero_pp_rank_*``, ``layer_XX-*`` globs), its loads of every format (ZeRO 0-3,
+BF16_Optimizer, pipeline layer files, frozen parameters) and its fragment linking all run as
+after loading a reshaped copy, so the state is bit for bit the same.
 
-How: the module weights and client state come from DeepSpeed's own
-``engine.load_checkpoint(src, load_optimizer_states=False)``, which ends in
-``_restore_from_bit16_weights``; :func:`fill_zero12_optimizer` then does what DeepSpeed's rigid
-load (``_load_legacy_checkpoint``) does with a file at the new dp: ``_load_global_state``, the
-base optimizer's ``load_state_dict`` with flat partition-length states, the fp32 partitions
-(zero outside real data), and ``_link_all_hp_params``. The target geometry is
-:func:`~lightning_reshape.checkpoint.zero_layout.zero_group_layout`, as in ``plan.py``.
+Files DeepSpeed touches by name on this path (deepspeed 0.19, read for this module):
+``engine._get_all_ckpt_names`` (glob of ``*model_states.pt``), ``SDLoaderBase.load``
+(``os.path.exists``), ``engine._get_all_zero_checkpoint_names`` (``os.path.exists``),
+``PipelineModule.ckpt_layer_path_list`` (glob): names only, so placeholders serve them. Read as
+data outside ``checkpoint_engine.load`` only where direct cannot work (see
+:func:`direct_unsupported_reason`): a ZeRO 3 load without optimizer states
+(``get_fp32_state_dict_from_zero_checkpoint`` opens the files), universal checkpoints (their
+``zero/`` folders), NVMe offload (copies ``offloaded_tensors/``) and MoE expert files.
 """
 
 from __future__ import annotations
 
-import copy
 import os
+import shutil
+import tempfile
 from typing import Any
 
-import torch
+from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
 
-from lightning_reshape.checkpoint.manifest import ROLE_FP32, ROLE_OPTIM, Manifest, TensorEntry
-from lightning_reshape.checkpoint.reader import ShardReader, read_manifest, refuse_elastic
-from lightning_reshape.checkpoint.safe_load import safe_load
-from lightning_reshape.checkpoint.zero_layout import Fragment, zero_group_layout
+from lightning_reshape.checkpoint.engine_sink import SourceFiles, materialize
+from lightning_reshape.checkpoint.execute import check_tag
+from lightning_reshape.checkpoint.plan import Plan, TargetFile
 from lightning_reshape.errors import CheckpointError
 
-__all__ = ["direct_unsupported_reason", "fill_zero12_optimizer", "load_direct"]
+__all__ = ["DIRECT_PREFIX", "direct_unsupported_reason", "load_direct"]
+
+#: name prefix of the private placeholder folders (under the system's temporary directory)
+DIRECT_PREFIX = "lightning-reshape-direct-"
 
 
-def direct_unsupported_reason(engine: Any) -> str | None:
-    """Why this engine cannot take the direct path (None: it can). Cheap, no IO."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
-    opt = getattr(engine, "optimizer", None)
-    if type(opt) is not DeepSpeedZeroOptimizer:
-        return f"optimizer wrapper is {type(opt).__name__}, not DeepSpeedZeroOptimizer"
-    if getattr(opt, "cpu_offload", False):
-        return "optimizer offload"
-    if getattr(opt, "round_robin_gradients", False):
-        return "round_robin_gradients"
-    if getattr(opt, "elastic_checkpoint", False):
-        return "elastic_checkpoint"
+def direct_unsupported_reason(engine: Any, *, load_optimizer_states: bool = True) -> str | None:
+    """Why DeepSpeed's load on this engine would read checkpoint files other than through its
+    ``checkpoint_engine`` (None: the direct load works). Cheap, no IO."""
+    if engine.load_universal_checkpoint():
+        return "the engine loads universal checkpoints (checkpoint.load_universal)"
+    if engine.zero_nvme_offload_optimizer():
+        return "NVMe offload of the optimizer (DeepSpeed copies its files from the checkpoint)"
     if getattr(engine, "has_moe_layers", False):
-        return "MoE layers"
-    if getattr(engine, "zero_nvme_offload_optimizer", lambda: False)():
-        return "NVMe offload"
+        return "MoE layers (expert files are not planned)"
+    if engine.zero_optimization_partition_weights() and not load_optimizer_states:
+        return "a ZeRO 3 load without optimizer states (DeepSpeed reads the files itself)"
     return None
 
 
-def _fill(
-    out: torch.Tensor, fr: Fragment, entry: TensorEntry, tp_rank: int, reader: ShardReader
-) -> None:
-    """Copy elements ``[fr.param_start, +fr.numel)`` of ``entry`` (tp-local) to
-    ``out[fr.partition_start:]``, reading only the overlapping stored pieces."""
-    lo, hi = fr.param_start, fr.param_start + fr.numel
-    covered = 0
-    for p in entry.pieces:
-        if p.tp_rank != tp_rank:
-            continue
-        a, b = max(lo, p.dst_offset), min(hi, p.dst_offset + p.numel)
-        if a >= b:
-            continue
-        src = reader.read(p).narrow(0, a - p.dst_offset, b - a)
-        out.narrow(0, fr.partition_start + a - lo, b - a).copy_(src)
-        covered += b - a
-    if covered != fr.numel:
-        raise CheckpointError(
-            f"{reader.root}: {entry.name} ({entry.role} {entry.state_key or ''}) has {covered} of "
-            f"the {fr.numel} elements needed on tp rank {tp_rank}; the checkpoint is incomplete"
-        )
+class SinkCheckpointEngine(CheckpointEngine):
+    """The engine's checkpoint engine, except that placeholder paths load from the plan."""
+
+    def __init__(self, inner: CheckpointEngine, plan: Plan, folder: str, check_crc: bool) -> None:
+        super().__init__()
+        self.inner = inner
+        self.name = getattr(inner, "name", None)
+        self.plan = plan
+        self.files: dict[str, TargetFile] = {
+            os.path.normpath(os.path.join(folder, f.name)): f for f in plan.files
+        }
+        self.checked: set[tuple[Any, ...]] | None = set() if check_crc else None
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        """``materialize`` of the target file at a placeholder path; anything else as before."""
+        tf = self.files.get(os.path.normpath(os.fspath(path)))
+        if tf is None:
+            return self.inner.load(path, map_location=map_location)
+        return materialize(self.plan, tf, SourceFiles(self.plan, self.checked))
+
+    def create(self, info: Any) -> Any:
+        return self.inner.create(info)
+
+    def save(self, state_dict: Any, path: str) -> Any:
+        return self.inner.save(state_dict, path)
+
+    def commit(self, info: Any) -> Any:
+        return self.inner.commit(info)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["inner"], name)
 
 
-def fill_zero12_optimizer(engine: Any, manifest: Manifest, *, tp_rank: int = 0) -> None:
-    """Fill this rank's ZeRO 1/2 optimizer side (fp32 partitions, base optimizer state, loss
-    scaler) from ``manifest``, a source that differs from the engine in dp only."""
-    import torch.distributed as dist
-
-    reason = direct_unsupported_reason(engine)
-    if reason is not None:
-        raise CheckpointError(f"direct load: {reason} is not supported")
-    if manifest.optimizer_wrapper != "zero" or manifest.topology.pp != 1:
-        raise CheckpointError(
-            f"{manifest.root}: direct load needs a ZeRO 1/2 checkpoint at pp=1, found "
-            f"wrapper {manifest.optimizer_wrapper!r} at pp={manifest.topology.pp}"
-        )
-    refuse_elastic(manifest)
-    opt = engine.optimizer
-    by_key = {e.key: e for e in manifest.tensors}
-    zcfg = (getattr(engine, "config", None) or {}).get("zero_optimization") or {}
-    align = bool(zcfg.get("parameter_alignment")) if isinstance(zcfg, dict) else False
-    src_file = f"zero_pp_rank_0_mp_rank_{tp_rank:02d}_optim_states.pt"
-    if not os.path.isfile(os.path.join(manifest.root, src_file)):
-        raise CheckpointError(f"{manifest.root}: {src_file} missing")
-
-    with ShardReader(manifest.root, trust_checkpoint=manifest.trusted, check_crc=True) as reader:
-        # the real objects (loss scaler, step tensors) go into the engine: torch's loader
-        src_osd = safe_load(
-            os.path.join(manifest.root, src_file), trust_checkpoint=manifest.trusted
-        )["optimizer_state_dict"]
-        base = src_osd["base_optimizer_state"]
-        n_groups = len(opt.single_partition_of_fp32_groups)
-        if len(base["param_groups"]) != n_groups:
-            raise CheckpointError(
-                f"{manifest.root}: {len(base['param_groups'])} optimizer param groups saved, "
-                f"the engine has {n_groups}"
-            )
-        state: dict[int, dict[str, Any]] = {}
-        fp32_parts: list[torch.Tensor] = []
-        for g in range(n_groups):
-            group = opt.real_dp_process_group[g]
-            dp, rank = dist.get_world_size(group=group), dist.get_rank(group=group)
-            params = opt.bit16_groups[g]
-            names = [(engine.param_names[p], p.numel()) for p in params]
-            layout = zero_group_layout(
-                names,
-                dp,
-                parameter_alignment=align,
-                element_size=params[0].element_size(),
-            )
-            part = opt.single_partition_of_fp32_groups[g]
-            if layout.partition_size != part.numel():
-                raise CheckpointError(
-                    f"group {g}: computed partition of {layout.partition_size} elements, the "
-                    f"engine holds {part.numel()}"
-                )
-            frags = layout.rank_fragments(rank)
-            for name, _ in names:
-                e = by_key.get((name, ROLE_FP32, None))
-                if e is None or (e.pieces and e.pieces[0].flat_group != g):
-                    raise CheckpointError(
-                        f"{manifest.root}: {name} is not in flat group {g} of the source"
-                    )
-            fp32 = torch.zeros(part.numel(), dtype=part.dtype)
-            for fr in frags:
-                _fill(fp32, fr, by_key[(fr.name, ROLE_FP32, None)], tp_rank, reader)
-            fp32_parts.append(fp32)
-            first = names[0][0]
-            st: dict[str, Any] = {}
-            for k, v in base["state"].get(g, {}).items():
-                e = by_key.get((first, ROLE_OPTIM, k))
-                if e is None:  # scalar (step) or non-flat state: carried as saved
-                    st[k] = v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
-                    continue
-                flat = torch.zeros(layout.partition_size, dtype=getattr(torch, e.dtype))
-                for fr in frags:
-                    _fill(flat, fr, by_key[(fr.name, ROLE_OPTIM, k)], tp_rank, reader)
-                st[k] = flat
-            state[g] = st
-        param_groups = copy.deepcopy(base["param_groups"])
-        opt._load_global_state(src_osd)
-    # as DeepSpeed's rigid load: base optimizer state, fp32 masters, then link the fragments
-    opt.optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-    for part, fp32 in zip(opt.single_partition_of_fp32_groups, fp32_parts, strict=True):
-        part.data.copy_(fp32)
-    opt._link_all_hp_params()
+def _placeholders(plan: Plan) -> tuple[str, str]:
+    """A private folder with ``<tag>/`` holding an empty file per target file of the plan."""
+    tag = check_tag(plan.source_tag)
+    root = tempfile.mkdtemp(prefix=DIRECT_PREFIX)
+    folder = os.path.join(root, tag)
+    os.mkdir(folder)
+    for f in plan.files:
+        with open(os.path.join(folder, f.name), "xb"):
+            pass
+    return root, folder
 
 
 def load_direct(
     engine: Any,
-    source: str,
+    plan: Plan,
     *,
     load_optimizer_states: bool = True,
+    load_lr_scheduler_states: bool = False,
     load_module_strict: bool = True,
-    trust_checkpoint: bool = False,
-    tp_rank: int = 0,
-    manifest: Manifest | None = None,
+    check_crc: bool = True,
 ) -> dict[str, Any]:
-    """Load ``source`` (a DeepSpeed save dir or tag dir) into ``engine`` at another dp.
+    """Load the source of ``plan`` (planned for this engine's layout) into ``engine``.
 
-    Returns DeepSpeed's client state, as ``engine.load_checkpoint`` on a converted copy would.
-    ``manifest`` (of ``source``) may be passed when already read.
+    Returns DeepSpeed's client state, as ``engine.load_checkpoint`` on the reshaped copy would.
+    The engine's checkpoint engine is restored and the placeholder folder removed whatever
+    happens.
     """
-    if manifest is None:
-        manifest = read_manifest(source, trust_checkpoint=trust_checkpoint)
-    save_dir, tag = os.path.dirname(manifest.root), manifest.tag
-    _, client_state = engine.load_checkpoint(
-        save_dir,
-        tag=tag,
-        load_optimizer_states=False,
-        load_lr_scheduler_states=False,
-        load_module_strict=load_module_strict,
-    )
+    reason = direct_unsupported_reason(engine, load_optimizer_states=load_optimizer_states)
+    if reason is not None:
+        raise CheckpointError(f"{plan.source_root}: cannot load directly: {reason}")
+    root, folder = _placeholders(plan)
+    original = engine.checkpoint_engine
+    engine.checkpoint_engine = SinkCheckpointEngine(original, plan, folder, check_crc)
+    try:
+        _, client_state = engine.load_checkpoint(
+            root,
+            tag=plan.source_tag,
+            load_optimizer_states=load_optimizer_states,
+            load_lr_scheduler_states=load_lr_scheduler_states,
+            load_module_strict=load_module_strict,
+        )
+    finally:
+        engine.checkpoint_engine = original
+        shutil.rmtree(root, ignore_errors=True)
     if client_state is None:
-        raise CheckpointError(f"{source}: DeepSpeed could not load the module states")
-    if load_optimizer_states:
-        fill_zero12_optimizer(engine, manifest, tp_rank=tp_rank)
-        client_state.pop("optimizer", None)
-    engine.loaded_checkpoint_dp_world_size = engine.seq_dp_world_size
+        raise CheckpointError(f"{plan.source_root}: DeepSpeed could not load the planned state")
     return client_state

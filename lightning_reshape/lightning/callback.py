@@ -36,10 +36,12 @@ class ReshapePolicy:
     - ``trust_checkpoint``: allow arbitrary pickled types when reading the source.
     - ``workers``: reader/writer threads per rank for the reshape.
     - ``tp_rules``: passed to the converter for parameters without recorded split info.
-    - ``direct``: for a data-parallel-only change under ZeRO 1/2 (same tp, pp=1, same stage),
-      load straight into the engine, each rank reading only the slices it owns, and write no
-      copy (bit for bit what loading a reshaped copy gives); other changes still write a copy.
-      Off by default.
+    - ``direct``: load straight into the engine and write no copy (the default): DeepSpeed's
+      own load runs on the reshape plan, each rank reading only the source slices it needs,
+      bit for bit what loading a reshaped copy gives, for every change the copy covers (tp,
+      pp, dp, ZeRO stage). False: always write a reshaped copy and load it. Engines whose load
+      reads files itself (universal checkpoints, NVMe optimizer offload, MoE, ZeRO 3 outside
+      fitting) take the copy, with a log line saying why.
     """
 
     enabled: bool = True
@@ -49,7 +51,7 @@ class ReshapePolicy:
     trust_checkpoint: bool = False
     workers: int = 1
     tp_rules: Sequence[Any] | None = None
-    direct: bool = False
+    direct: bool = True
 
 
 @dataclass
@@ -78,7 +80,7 @@ class AutoReshape(Callback):
         trust_checkpoint: bool = False,
         workers: int = 1,
         tp_rules: Sequence[Any] | None = None,
-        direct: bool = False,
+        direct: bool = True,
     ) -> None:
         self.policy = ReshapePolicy(
             enabled=enabled,

@@ -575,12 +575,13 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 f"parallel={{'tp': {saved.tp}, 'pp': {saved.pp}}} on "
                 f"{saved.tp * saved.pp * saved.dp} devices"
             )
-        if policy.direct and self._direct_possible(saved, current):
-            return self._load_direct(checkpoint_path, saved, current, policy, start)
         if policy.direct:
+            reason = self._direct_unsupported(policy)
+            if reason is None:
+                return self._load_direct(checkpoint_path, saved, current, policy, start)
             rank_zero_info(
-                "lightning-reshape: the direct load covers dp-only changes at ZeRO 1/2 outside the "
-                "pipeline engine; this change is loaded through a reshaped copy"
+                f"lightning-reshape: loading {checkpoint_path} through a reshaped copy: the direct "
+                f"load cannot serve this run ({reason})"
             )
         target = self._reshaped_dir(checkpoint_path, current, policy)
         # every rank marks the copy in use from before it is written or checked until its
@@ -607,15 +608,39 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         self.barrier("lightning_reshape_loaded")
         return client_state
 
-    def _direct_possible(self, saved: SavedTopology, current: SavedTopology) -> bool:
-        """A dp-only change under the same ZeRO 1/2 stage, on a plain ZeRO optimizer."""
+    def _fitting(self) -> bool:
+        assert self.lightning_module is not None
+        return self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+
+    def _direct_unsupported(self, policy: ReshapePolicy) -> str | None:
+        """Why DeepSpeed's own load on this engine cannot be served from the plan (None: it can)."""
         from lightning_reshape.checkpoint.direct import direct_unsupported_reason
 
-        if (saved.tp, saved.pp, saved.zero_stage) != (current.tp, current.pp, current.zero_stage):
-            return False
-        if current.pp != 1 or current.zero_stage not in (1, 2) or self.pipeline is not None:
-            return False
-        return direct_unsupported_reason(self.deepspeed_engine) is None
+        if policy.verify:
+            return "AutoReshape(verify=True), which checks a reshaped copy"
+        return direct_unsupported_reason(
+            self.deepspeed_engine, load_optimizer_states=self._fitting()
+        )
+
+    def _plan(self, source: str, current: SavedTopology, policy: ReshapePolicy) -> Any:
+        """The reshape plan to this run's layout (metadata only), built on every rank; the copy
+        path writes it, the direct path loads it."""
+        from lightning_reshape.checkpoint import convert
+
+        return self._on_all(
+            lambda: convert.plan_conversion(
+                source,
+                tp=current.tp,
+                pp=current.pp,
+                dp=current.dp,
+                zero_stage=current.zero_stage,
+                trust=policy.trust_checkpoint,
+                tp_rules=policy.tp_rules,
+                **self._pipeline_target(),
+            ),
+            source,
+            current,
+        )
 
     def _load_direct(
         self,
@@ -625,39 +650,31 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         policy: ReshapePolicy,
         start: float,
     ) -> dict[str, Any]:
-        """Path (b): DeepSpeed loads the module, each rank fills its own ZeRO partitions from
-        the slices of the source it owns (checkpoint/direct.py); no copy is written."""
+        """Path (b): the copy path's plan, served to DeepSpeed's own load by the engine sink
+        (checkpoint/direct.py): each rank reads only the source slices it needs; no copy."""
         from lightning_reshape.checkpoint.direct import load_direct
-        from lightning_reshape.checkpoint.reader import read_manifest
 
         assert self.lightning_module is not None
-        manifest = self._on_all(
-            lambda: read_manifest(
-                checkpoint_path,
-                trust_checkpoint=policy.trust_checkpoint,
-                tp_rules=policy.tp_rules or (),
-            ),
-            checkpoint_path,
-            current,
-        )
-        fitting = self.lightning_module.trainer.state.fn == TrainerFn.FITTING
+        plan = self._plan(checkpoint_path, current, policy)
         client_state = self._on_all(
             lambda: load_direct(
                 self.deepspeed_engine,
-                checkpoint_path,
-                load_optimizer_states=fitting,
+                plan,
+                load_optimizer_states=self._fitting(),
+                load_lr_scheduler_states=False,
                 load_module_strict=self.lightning_module.strict_loading,
-                tp_rank=self.mpu.get_model_parallel_rank(),
-                manifest=manifest,
             ),
             checkpoint_path,
             current,
         )
         seconds = time.perf_counter() - start
+        zero_note = ""
+        if saved.zero_stage != current.zero_stage:
+            zero_note = f" (ZeRO {current.zero_stage})"
         rank_zero_info(
             f"lightning-reshape: checkpoint {checkpoint_path} saved at {saved.describe()} "
-            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}: loaded directly in "
-            f"{seconds:.1f} s (no copy written)"
+            f"(ZeRO {saved.zero_stage}), resuming at {current.describe()}{zero_note}: loaded "
+            f"directly in {seconds:.1f} s (no copy written)"
         )
         self.last_resume = ResumeReport(
             checkpoint_path, saved, current, True, seconds, checkpoint_path
@@ -696,20 +713,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         """
         from lightning_reshape.checkpoint import convert
 
-        plan = self._on_all(
-            lambda: convert.plan_conversion(
-                source,
-                tp=current.tp,
-                pp=current.pp,
-                dp=current.dp,
-                zero_stage=current.zero_stage,
-                trust=policy.trust_checkpoint,
-                tp_rules=policy.tp_rules,
-                **self._pipeline_target(),
-            ),
-            source,
-            current,
-        )
+        plan = self._plan(source, current, policy)
         tag = plan.source_tag
         workers = max(1, policy.workers)
         held: list[Any] = []  # rank 0: the output's lock, held until the copy is complete

@@ -23,10 +23,11 @@ def test_resume_demo_reshapes_and_the_loss_carries_on(tmp_path: Path) -> None:
     assert "ResumeReport(" not in out.stdout
     assert f"resumed {tmp_path / 'tp2.ckpt'} saved at tp=2 pp=1 dp=1 (ZeRO 1) at " in out.stdout
     assert "loss carried on" in out.stdout
-    # The original checkpoint is untouched; the reshaped copy sits beside it.
+    # The original checkpoint is untouched; loaded directly, no reshaped copy beside it.
     ckpt = tmp_path / "tp2.ckpt"
     assert (ckpt / "checkpoint" / "mp_rank_01_model_states.pt").exists()
-    assert (ckpt / "reshaped-tp1-pp1-dp2-zero1").is_dir()
+    assert "loaded directly in" in out.stdout
+    assert not list(ckpt.glob("reshaped-*"))
 
 
 TRAIN = DEMO.with_name("train.py")
@@ -68,5 +69,7 @@ def test_pipeline_example_tp2_pp2_resumes_at_pp1(tmp_path: Path) -> None:
         logs.append(out.stdout + out.stderr)
         assert out.returncode == 0, logs[-1][-3000:]
     assert "layout world 4: tp=2 pp=2 " in logs[0] and "step    4  loss" in logs[0]
-    assert "saved at tp=2 pp=2 dp=1 (ZeRO 1), resuming at tp=1 pp=1 dp=4: reshaped" in logs[1]
+    assert (
+        "saved at tp=2 pp=2 dp=1 (ZeRO 1), resuming at tp=1 pp=1 dp=4: loaded directly" in logs[1]
+    )
     assert "step    6  loss" in logs[1]

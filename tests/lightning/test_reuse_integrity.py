@@ -30,8 +30,8 @@ def test_damaged_copy_redone_once_for_two_jobs(tmp_path: Path) -> None:
 
     jobs = run(
         tmp_path,
-        a={**base, "devices": 2, "resume": str(ck)},
-        b={**base, "devices": 2, "resume": str(ck)},
+        a={**base, "devices": 2, "resume": str(ck), "policy": {"direct": False}},
+        b={**base, "devices": 2, "resume": str(ck), "policy": {"direct": False}},
     )
     logs = {name: (tmp_path / f"{name}.log").read_text() for name in jobs}
     repaired = [n for n, log in logs.items() if "damaged reshaped output" in log]

@@ -233,7 +233,12 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
 
     out = run(
         tmp_path,
-        tp1={**base, "parallel": {"tp": 1}, "resume": str(ck), "policy": {"verify": True}},
+        tp1={
+            **base,
+            "parallel": {"tp": 1},
+            "resume": str(ck),
+            "policy": {"verify": True, "direct": False},
+        },
         same={**tp2, "resume": str(same_ck), "forbid_reshape": True},
         bare={**base, "parallel": {"tp": 1}, "resume": str(bare_ck)},
     )

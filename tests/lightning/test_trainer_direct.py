@@ -1,13 +1,15 @@
-"""``AutoReshape(direct=True)`` through ``Trainer.fit(ckpt_path=...)``: a dp-only change under
-ZeRO 2 loads straight into the engine (no copy written), and training continues bit for bit
-as after loading the reshaped copy (path a)."""
+"""The direct load (the default) through ``Trainer.fit(ckpt_path=...)``: a dp change under ZeRO 2
+loads straight into the engine (no copy written, no temporary folder left), and training
+continues bit for bit as after loading the reshaped copy (``AutoReshape(direct=False)``)."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 
+from lightning_reshape.checkpoint.direct import DIRECT_PREFIX
 from tests.lightning.test_trainer import ok, run, snapshot
 
 
@@ -23,16 +25,17 @@ def test_direct_dp_change_equals_copy(tmp_path: Path) -> None:
     before = {ck1: snapshot(ck1), ck2: snapshot(ck2)}
     direct = run(
         tmp_path,
-        up_b={**base, "devices": 2, "resume": str(ck1), "policy": {"direct": True}},
-        down_b={**base, "devices": 1, "resume": str(ck2), "policy": {"direct": True}},
+        up_b={**base, "devices": 2, "resume": str(ck1)},
+        down_b={**base, "devices": 1, "resume": str(ck2)},
     )
     up_b, down_b = ok(direct["up_b"]), ok(direct["down_b"])
     for ck, snap in before.items():
         assert snapshot(ck) == snap, f"{ck}: the direct path wrote or changed files"
+    assert not list(Path(tempfile.gettempdir()).glob(f"{DIRECT_PREFIX}*")), "temp folder left"
     copies = run(
         tmp_path,
-        up_a={**base, "devices": 2, "resume": str(ck1)},
-        down_a={**base, "devices": 1, "resume": str(ck2)},
+        up_a={**base, "devices": 2, "resume": str(ck1), "policy": {"direct": False}},
+        down_a={**base, "devices": 1, "resume": str(ck2), "policy": {"direct": False}},
     )
     up_a, down_a = ok(copies["up_a"]), ok(copies["down_a"])
     for a, b, ck, saved in ((up_a, up_b, ck1, [1, 1, 1]), (down_a, down_b, ck2, [1, 1, 2])):
