@@ -12,7 +12,7 @@ import importlib.util
 import os
 import shutil
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from lightning_reshape.checkpoint.execute import (
@@ -26,7 +26,8 @@ from lightning_reshape.checkpoint.execute import (
     prepare_output,
     write_plan,
 )
-from lightning_reshape.checkpoint.plan import Plan, Target, build_plan, read_source_meta
+from lightning_reshape.checkpoint.manifest import Manifest
+from lightning_reshape.checkpoint.plan import Plan, Target, build_plan, rank_files, read_source_meta
 from lightning_reshape.checkpoint.reader import TPRule, read_manifest, refuse_elastic
 from lightning_reshape.errors import CheckpointError
 
@@ -34,6 +35,7 @@ __all__ = [
     "convert_checkpoint",
     "copy_recovery_script",
     "plan_conversion",
+    "plan_rank_load",
     "execute_plan",
     "prepare_output",
     "finalize_output",
@@ -44,6 +46,32 @@ __all__ = [
 ]
 
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def _source_and_target(
+    src: str | os.PathLike[str],
+    tp: int | None,
+    pp: int | None,
+    dp: int | None,
+    zero_stage: int | None,
+    source_tag: str | None,
+    trust: bool,
+    tp_rules: Sequence[TPRule],
+    pp_partition: str,
+) -> tuple[Manifest, Target]:
+    """``src``'s manifest (metadata only) and the target; None axes keep the source's."""
+    manifest = read_manifest(src, tag=source_tag, trust_checkpoint=trust, tp_rules=tp_rules)
+    refuse_elastic(manifest)
+    read_source_meta(manifest)  # carried by the manifest: planning does no IO
+    src_topo = manifest.topology
+    target = Target(
+        src_topo.tp if tp is None else tp,
+        src_topo.pp if pp is None else pp,
+        src_topo.dp if dp is None else dp,
+        src_topo.zero_stage if zero_stage is None else zero_stage,
+        pp_partition,
+    )
+    return manifest, target
 
 
 def plan_conversion(
@@ -62,19 +90,40 @@ def plan_conversion(
 
     An axis or stage left as None keeps the source's degree.
     """
-    manifest = read_manifest(src, tag=source_tag, trust_checkpoint=trust, tp_rules=tp_rules or ())
-    refuse_elastic(manifest)
-    meta = read_source_meta(manifest)
-    src_topo = manifest.topology
-    stage = src_topo.zero_stage if zero_stage is None else zero_stage
-    target = Target(
-        src_topo.tp if tp is None else tp,
-        src_topo.pp if pp is None else pp,
-        src_topo.dp if dp is None else dp,
-        stage,
-        pp_partition,
+    rules = tuple(tp_rules or ())
+    manifest, target = _source_and_target(
+        src, tp, pp, dp, zero_stage, source_tag, trust, rules, pp_partition
     )
-    return build_plan(manifest, meta, target, tp_rules=tp_rules or ())
+    return build_plan(manifest, None, target, tp_rules=rules)
+
+
+def plan_rank_load(
+    src: str | os.PathLike[str],
+    rank: tuple[int, int, int],
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
+    zero_stage: int | None = None,
+    source_tag: str | None = None,
+    trust: bool = False,
+    tp_rules: Sequence[TPRule] | None = None,
+    pp_partition: str = "parameters",
+) -> tuple[Plan, Callable[[str], Plan]]:
+    """One target rank's direct load: the plan of the files its engine loads (``rank`` =
+    (tp rank, pp stage, dp rank), :func:`rank_files`), so its planning does not grow with the
+    world size, and a planner of any other target file by name, for a file DeepSpeed asks for
+    that ``rank_files`` did not predict (a pipeline engine without an mpu reads mp_rank_00)."""
+    rules = tuple(tp_rules or ())
+    manifest, target = _source_and_target(
+        src, tp, pp, dp, zero_stage, source_tag, trust, rules, pp_partition
+    )
+    own = rank_files(manifest, None, target, *rank, tp_rules=rules)
+
+    def plan_file(name: str) -> Plan:
+        return build_plan(manifest, None, target, tp_rules=rules, files=(name,))
+
+    return build_plan(manifest, None, target, tp_rules=rules, files=own), plan_file
 
 
 def convert_checkpoint(

@@ -23,8 +23,10 @@ data outside ``checkpoint_engine.load`` only where direct cannot work (see
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
@@ -57,11 +59,20 @@ def direct_unsupported_reason(engine: Any, *, load_optimizer_states: bool = True
 class SinkCheckpointEngine(CheckpointEngine):
     """The engine's checkpoint engine, except that placeholder paths load from the plan."""
 
-    def __init__(self, inner: CheckpointEngine, plan: Plan, folder: str, check_crc: bool) -> None:
+    def __init__(
+        self,
+        inner: CheckpointEngine,
+        plan: Plan,
+        folder: str,
+        check_crc: bool,
+        plan_file: Callable[[str], Plan] | None = None,
+    ) -> None:
         super().__init__()
+        self.plan_file = plan_file
         self.inner = inner
         self.name = getattr(inner, "name", None)
         self.plan = plan
+        self.folder = os.path.normpath(folder)
         self.files: dict[str, TargetFile] = {
             os.path.normpath(os.path.join(folder, f.name)): f for f in plan.files
         }
@@ -69,10 +80,22 @@ class SinkCheckpointEngine(CheckpointEngine):
 
     def load(self, path: str, map_location: Any = None) -> Any:
         """``materialize`` of the target file at a placeholder path; anything else as before."""
-        tf = self.files.get(os.path.normpath(os.fspath(path)))
-        if tf is None:
+        path = os.path.normpath(os.fspath(path))
+        tf = self.files.get(path)
+        if tf is not None:
+            return materialize(self.plan, tf, SourceFiles(self.plan, self.checked))
+        if os.path.dirname(path) != self.folder:
             return self.inner.load(path, map_location=map_location)
-        return materialize(self.plan, tf, SourceFiles(self.plan, self.checked))
+        # a file the rank's plan did not predict: planned now, by name, as the copy path would
+        name = os.path.basename(path)
+        plan = self.plan_file(name) if self.plan_file is not None else None
+        tf = next((f for f in plan.files if f.name == name), None) if plan is not None else None
+        if plan is None or tf is None:
+            raise CheckpointError(
+                f"{self.plan.source_root}: DeepSpeed asked for {name}, which the plan to "
+                f"{self.plan.target} does not hold; resume with AutoReshape(direct=False)"
+            )
+        return materialize(plan, tf, SourceFiles(plan, self.checked))
 
     def create(self, info: Any) -> Any:
         return self.inner.create(info)
@@ -87,14 +110,36 @@ class SinkCheckpointEngine(CheckpointEngine):
         return getattr(self.__dict__["inner"], name)
 
 
+_MODEL_FILE = re.compile(r"^(.*mp_rank_)(\d+)(_model_states\.pt)$")
+_LAYER_FILE = re.compile(r"^(layer_\d+-model_)(\d+)(-model_states\.pt)$")
+
+
+def placeholder_names(plan: Plan) -> list[str]:
+    """The plan's files, plus the names DeepSpeed globs beside them: the model-states file of
+    every mp rank (``_get_all_ckpt_names`` counts them against the mp world size) and every tp
+    rank's file of each planned pipeline layer (``ckpt_layer_path_list``). A plan of one rank's
+    files (``plan_conversion(rank=...)``) thus stands in for the whole tag folder."""
+    t = plan.target
+    names = dict.fromkeys(f.name for f in plan.files)
+    for f in plan.files:
+        m = _MODEL_FILE.match(f.name)
+        for k in range(t.tp * t.pp) if m else ():
+            names.setdefault(f"{m[1]}{k:02d}{m[3]}")
+        m = _LAYER_FILE.match(f.name)
+        for k in range(t.tp) if m else ():
+            names.setdefault(f"{m[1]}{k:02d}{m[3]}")
+    return list(names)
+
+
 def _placeholders(plan: Plan) -> tuple[str, str]:
-    """A private folder with ``<tag>/`` holding an empty file per target file of the plan."""
+    """A private folder with ``<tag>/`` holding an empty file per name of
+    :func:`placeholder_names`."""
     tag = check_tag(plan.source_tag)
     root = tempfile.mkdtemp(prefix=DIRECT_PREFIX)
     folder = os.path.join(root, tag)
     os.mkdir(folder)
-    for f in plan.files:
-        with open(os.path.join(folder, f.name), "xb"):
+    for name in placeholder_names(plan):
+        with open(os.path.join(folder, name), "xb"):
             pass
     return root, folder
 
@@ -107,9 +152,12 @@ def load_direct(
     load_lr_scheduler_states: bool = False,
     load_module_strict: bool = True,
     check_crc: bool = True,
+    plan_file: Callable[[str], Plan] | None = None,
 ) -> dict[str, Any]:
     """Load the source of ``plan`` (planned for this engine's layout) into ``engine``.
 
+    ``plan`` may hold only this rank's files (``convert.plan_rank_load``); ``plan_file`` then
+    plans, by name, a file DeepSpeed asks for beyond them.
     Returns DeepSpeed's client state, as ``engine.load_checkpoint`` on the reshaped copy would.
     The engine's checkpoint engine is restored and the placeholder folder removed whatever
     happens.
@@ -119,7 +167,7 @@ def load_direct(
         raise CheckpointError(f"{plan.source_root}: cannot load directly: {reason}")
     root, folder = _placeholders(plan)
     original = engine.checkpoint_engine
-    engine.checkpoint_engine = SinkCheckpointEngine(original, plan, folder, check_crc)
+    engine.checkpoint_engine = SinkCheckpointEngine(original, plan, folder, check_crc, plan_file)
     try:
         _, client_state = engine.load_checkpoint(
             root,

@@ -624,22 +624,49 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
 
     def _plan(self, source: str, current: SavedTopology, policy: ReshapePolicy) -> Any:
         """The reshape plan to this run's layout (metadata only), built on every rank; the copy
-        path writes it, the direct path loads it."""
+        path writes it."""
         from lightning_reshape.checkpoint import convert
 
         return self._on_all(
-            lambda: convert.plan_conversion(
-                source,
-                tp=current.tp,
-                pp=current.pp,
-                dp=current.dp,
-                zero_stage=current.zero_stage,
-                trust=policy.trust_checkpoint,
-                tp_rules=policy.tp_rules,
-                **self._pipeline_target(),
-            ),
+            lambda: convert.plan_conversion(source, **self._plan_args(current, policy)),
             source,
             current,
+        )
+
+    def _plan_args(self, current: SavedTopology, policy: ReshapePolicy) -> dict[str, Any]:
+        return {
+            "tp": current.tp,
+            "pp": current.pp,
+            "dp": current.dp,
+            "zero_stage": current.zero_stage,
+            "trust": policy.trust_checkpoint,
+            "tp_rules": policy.tp_rules,
+            **self._pipeline_target(),
+        }
+
+    def _rank_plan(self, source: str, current: SavedTopology, policy: ReshapePolicy) -> Any:
+        """The direct path's plan: this rank's own files (planning does not grow with the world
+        size) and a planner for any other file DeepSpeed asks for; or the whole plan when the
+        rank's file coordinates are not known."""
+        from lightning_reshape.checkpoint import convert
+
+        rank = self._rank_coordinates()
+        args = self._plan_args(current, policy)
+        if rank is None:
+            return self._plan(source, current, policy), None
+        return self._on_all(lambda: convert.plan_rank_load(source, rank, **args), source, current)
+
+    def _rank_coordinates(self) -> tuple[int, int, int] | None:
+        """(tp rank, pp stage, dp rank) of this rank, as DeepSpeed names its files; None when
+        context or expert parallelism puts more than dp in DeepSpeed's data-parallel group."""
+        layout = self.layout
+        if layout is None or layout.cp != 1 or layout.ep != 1:
+            return None
+        rank = self.global_rank
+        return (
+            layout.group_of(rank, "tp").index(rank),
+            layout.group_of(rank, "pp").index(rank),
+            self.dp_rank,
         )
 
     def _load_direct(
@@ -655,7 +682,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         from lightning_reshape.checkpoint.direct import load_direct
 
         assert self.lightning_module is not None
-        plan = self._plan(checkpoint_path, current, policy)
+        plan, plan_file = self._rank_plan(checkpoint_path, current, policy)
         client_state = self._on_all(
             lambda: load_direct(
                 self.deepspeed_engine,
@@ -663,6 +690,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
                 load_optimizer_states=self._fitting(),
                 load_lr_scheduler_states=False,
                 load_module_strict=self.lightning_module.strict_loading,
+                plan_file=plan_file,
             ),
             checkpoint_path,
             current,

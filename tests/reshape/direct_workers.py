@@ -22,7 +22,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lightning_reshape.checkpoint.convert import convert_checkpoint, plan_conversion
+from lightning_reshape.checkpoint.convert import (
+    convert_checkpoint,
+    plan_conversion,
+    plan_rank_load,
+)
 from lightning_reshape.checkpoint.direct import DIRECT_PREFIX, load_direct
 from lightning_reshape.distributed import ParallelState
 from lightning_reshape.topology import ParallelConfig
@@ -84,6 +88,17 @@ def train(engine: Any, case: Case, first: int, steps: int) -> list[float]:
             engine.step()
         losses.append(float(loss.detach().float()))
     return losses
+
+
+def coordinates(engine: Any, case: Case) -> tuple[int, int, int]:
+    """(tp rank, pp stage, dp rank) of this rank, from the engine's own groups."""
+    if case.family == "pipe":
+        grid = engine.grid
+        return grid.get_slice_parallel_rank(), grid.get_stage_id(), grid.get_data_parallel_rank()
+    if case.family == "gpt":
+        mpu = engine.mpu
+        return mpu.get_tensor_model_parallel_rank(), 0, mpu.get_data_parallel_rank()
+    return 0, 0, dist.get_rank()
 
 
 def release(engine: Any, extra: Any) -> None:
@@ -183,8 +198,9 @@ def _load(job: Job, path: str, scratch: str) -> tuple[dict[str, Any], dict[str, 
         converted = os.path.join(scratch, f"converted-{job.label}")
         _, client = engine.load_checkpoint(converted, tag="src", load_lr_scheduler_states=True)
     else:
-        plan = plan_conversion(job.src, **job.to)
-        client = load_direct(engine, plan, load_lr_scheduler_states=True)
+        # this rank's own files only, as the strategy plans them
+        plan, plan_file = plan_rank_load(job.src, coordinates(engine, job.target), **job.to)
+        client = load_direct(engine, plan, load_lr_scheduler_states=True, plan_file=plan_file)
     loaded = full_state(engine, client)
     losses = train(engine, job.target, 3, 2)
     after = {**full_state(engine, None), "losses": losses}
