@@ -192,6 +192,9 @@ class Job:
     to: dict[str, int]
 
 
+_PLANNED: dict[str, int] = {}  # job label -> files in this rank's own plan (path b)
+
+
 def _load(job: Job, path: str, scratch: str) -> tuple[dict[str, Any], dict[str, Any]]:
     engine, extra = build(job.target)
     if path == "a":
@@ -201,6 +204,7 @@ def _load(job: Job, path: str, scratch: str) -> tuple[dict[str, Any], dict[str, 
         # this rank's own files only, as the strategy plans them
         plan, plan_file = plan_rank_load(job.src, coordinates(engine, job.target), **job.to)
         client = load_direct(engine, plan, load_lr_scheduler_states=True, plan_file=plan_file)
+        _PLANNED[job.label] = len(plan.files)
     loaded = full_state(engine, client)
     losses = train(engine, job.target, 3, 2)
     after = {**full_state(engine, None), "losses": losses}
@@ -225,6 +229,7 @@ def both_paths(rank: int, job: Job, scratch: str) -> dict[str, Any]:
         "has_state": bool(b_loaded["optimizer"]),
         "losses": b_after["losses"],
         "temp_left": _ours_left(),
+        "planned": (_PLANNED[job.label], len(plan_conversion(job.src, **job.to).files)),
     }
 
 

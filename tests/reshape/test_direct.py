@@ -92,6 +92,9 @@ def test_direct_equals_copy(results: dict[str, Any], change: str, prec: str) -> 
         assert res["has_state"], "no optimizer state loaded"
         assert len(res["losses"]) == 2
         assert res["temp_left"] == [], "a placeholder folder was left behind"
+        own, whole = res["planned"]  # each rank plans its own files, not the world's
+        shared = len(ranks) == 1 or whole == 1  # one rank, or one file all ranks load (ZeRO 0)
+        assert 0 < own <= whole and (own < whole or shared), res["planned"]
 
 
 def test_failure_inside_the_load_cleans_up(results: dict[str, Any]) -> None:
