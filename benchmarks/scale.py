@@ -1,6 +1,6 @@
 """Plan a 175B GPT's direct resume at 128 / 1,024 / 8,192 ranks, without the hardware.
 
-Why: the direct path (issue 13) has every rank plan and read only its own slices of the source.
+Why: the direct path has every rank plan and read only its own slices of the source.
 Whether that holds at scale (plan time per rank, read amplification, planner memory flat in the
 world size) can be measured without a cluster and without any data: the planner is pure and
 takes a manifest. This benchmark synthesizes the manifest DeepSpeed's files would give
@@ -741,7 +741,7 @@ def report(results: Sequence[WorldResult], out: Callable[[str], None]) -> bool:
                 f"{w.manifest_bytes / first.manifest_bytes:>9.2f} "
                 f"{w.max('amplification') / first.max('amplification'):>9.3f}"
             )
-    out("\n== targets (issue 13)")
+    out("\n== targets (fixed before measuring)")
     ok = True
 
     def verdict(name: str, passed: bool | None, detail: str) -> None:

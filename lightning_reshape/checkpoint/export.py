@@ -133,15 +133,22 @@ def export_items(
 
 
 def _strip(items: list[ExportItem], prefix: str, root: str) -> list[ExportItem]:
-    """Names starting with ``prefix`` lose it; the others stay as they are."""
+    """Names starting with ``prefix`` lose it; the others stay as they are. A prefix is a
+    dotted module path: ``model`` means ``model.`` (never a name left starting with a dot)."""
+    bare = prefix.rstrip(".")
+    prefix = f"{bare}."
+    for i in items:
+        if i.name == bare:
+            raise ReshapeError(f"{root}: removing {bare!r} leaves {i.name!r} without a name")
     if not any(i.name.startswith(prefix) for i in items):
         common = os.path.commonprefix([i.name for i in items])
         common = common[: common.rfind(".") + 1]
-        hint = f" (all names start with {common!r})" if common else ""
-        raise ReshapeError(
-            f"{root}: no tensor name starts with {prefix!r}{hint}; e.g. {items[0].name!r}. "
-            "Pass the prefix of the submodule to export, e.g. 'model.'"
+        hint = (
+            f"all names start with {common!r}: pass that to strip it"
+            if common
+            else f"the names share no prefix (e.g. {items[0].name!r}): leave --strip-prefix out"
         )
+        raise ReshapeError(f"{root}: no tensor name starts with {prefix!r}; {hint}")
     out = [
         ExportItem(i.name[len(prefix) :], i.entry, i.dtype) if i.name.startswith(prefix) else i
         for i in items

@@ -143,6 +143,10 @@ def test_strip_prefix(
     )
     assert set(got) == {n.removeprefix("l1.") for n in full}
     assert torch.equal(got["weight"], full["l1.weight"]) and "l2.weight" in got
+    bare = load_file(  # a module path without its dot means the same (no ".weight" names)
+        export_checkpoint(save, tmp_path / "l1b", strip_prefix="l1") / "model.safetensors"
+    )
+    assert set(bare) == set(got)
     for prefix, says in (("model.", "no tensor name starts with 'model.'"),
                          ("emb.weight", "leaves 'emb.weight' without a name")):  # fmt: skip
         assert main(["export", str(save), str(tmp_path / "o"), "--strip-prefix", prefix]) == 2
