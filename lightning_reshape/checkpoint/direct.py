@@ -135,12 +135,24 @@ def _placeholders(plan: Plan) -> tuple[str, str]:
     """A private folder with ``<tag>/`` holding an empty file per name of
     :func:`placeholder_names`."""
     tag = check_tag(plan.source_tag)
-    root = tempfile.mkdtemp(prefix=DIRECT_PREFIX)
-    folder = os.path.join(root, tag)
-    os.mkdir(folder)
-    for name in placeholder_names(plan):
-        with open(os.path.join(folder, name), "xb"):
-            pass
+    root = None
+    try:
+        root = tempfile.mkdtemp(prefix=DIRECT_PREFIX)
+        folder = os.path.join(root, tag)
+        os.mkdir(folder)
+        for name in placeholder_names(plan):
+            with open(os.path.join(folder, name), "xb"):
+                pass
+    except OSError as exc:
+        # one line, as a ReshapeError: the strategy gathers those from every rank (a raw
+        # OSError on one rank left the others waiting in that gather)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise CheckpointError(
+            f"{plan.source_root}: cannot create the direct load's placeholder folder in "
+            f"{tempfile.gettempdir()} ({exc.strerror or exc}); point TMPDIR at a writable "
+            "folder, or resume with AutoReshape(direct=False)"
+        ) from exc
     return root, folder
 
 
