@@ -40,3 +40,24 @@ def test_half_made_folder_is_removed(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(CheckpointError, match="No such file"):
         direct._placeholders(PLAN)  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
+
+
+def test_source_tag_is_not_globbed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """DeepSpeed globs ``<dir>/<tag>/*model_states.pt``: a source tag such as ``run[1]`` matched
+    no placeholder and the direct load died on DeepSpeed's bare ``assert``; the placeholders
+    live under a tag of ours."""
+    import glob
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    root, folder = direct._placeholders(SimpleNamespace(**{**vars(PLAN), "source_tag": "run[1]"}))  # type: ignore[arg-type]
+    assert folder == os.path.join(root, direct.PLACEHOLDER_TAG)
+    assert glob.glob(os.path.join(folder, "*_model_states.pt"))
+
+
+def test_tmpdir_with_glob_characters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp = tmp_path / "job[7]"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    with pytest.raises(CheckpointError, match="glob character"):
+        direct._placeholders(PLAN)  # type: ignore[arg-type]
+    assert os.listdir(tmp) == []
