@@ -785,6 +785,10 @@ def report(results: Sequence[WorldResult], out: Callable[[str], None]) -> bool:
     return ok
 
 
+#: largest source world size accepted (as the CLI caps degrees and world sizes)
+MAX_WORLD = 1 << 20
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Plan a GPT's direct resume at large layouts from synthesized manifests "
@@ -849,9 +853,15 @@ def main(argv: Iterable[str] | None = None) -> int:
         for _, s, sp in layer
     ):
         parser.error(f"--target-tp {args.target_tp} does not divide the split dims of {shape.name}")
+    if not worlds:
+        parser.error(f"--worlds {args.worlds!r}: expected comma-separated integers")
+    if len(set(worlds)) != len(worlds):
+        parser.error(f"--worlds {args.worlds!r}: a world size is given twice")
     for w in worlds:
         if w < 128 or w % 128:
             parser.error(f"--worlds: {w} is not a multiple of 128 (tp 8 x pp 16 x dp)")
+        if w > MAX_WORLD:
+            parser.error(f"--worlds: {w} is above {MAX_WORLD:,} (the CLI's cap, 2**20)")
     print(shape.describe())
     print(
         "format: DeepSpeed pipeline engine, bf16 + fp32 grad accumulation at ZeRO 1 "

@@ -156,7 +156,10 @@ def remove_other_copies(keep: str | os.PathLike[str], prefix: str) -> RemovedCop
             continue
         if not (path.is_dir() and (path / "latest").is_file()):
             continue
-        outcome = _remove_unless_busy(path)
+        try:
+            outcome = _remove_unless_busy(path)
+        except OSError as exc:  # a lock file that is a link or a folder, ...: keep that copy
+            outcome = f"cannot lock it ({exc.strerror or exc}); remove it by hand if unused"
         if isinstance(outcome, str):
             done.kept.append((str(path), outcome))
         elif outcome is not None:

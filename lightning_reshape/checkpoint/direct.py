@@ -22,6 +22,8 @@ data outside ``checkpoint_engine.load`` only where direct cannot work (see
 
 from __future__ import annotations
 
+import errno
+import glob
 import os
 import re
 import shutil
@@ -40,6 +42,9 @@ __all__ = ["DIRECT_PREFIX", "direct_unsupported_reason", "load_direct"]
 
 #: name prefix of the private placeholder folders (under the system's temporary directory)
 DIRECT_PREFIX = "lightning-reshape-direct-"
+#: the tag folder inside one: not the source's tag, which DeepSpeed would glob in (a tag such
+#: as ``run[1]`` then matches no file and its load fails an ``assert``)
+PLACEHOLDER_TAG = "tag"
 
 
 def direct_unsupported_reason(engine: Any, *, load_optimizer_states: bool = True) -> str | None:
@@ -132,15 +137,29 @@ def placeholder_names(plan: Plan) -> list[str]:
 
 
 def _placeholders(plan: Plan) -> tuple[str, str]:
-    """A private folder with ``<tag>/`` holding an empty file per name of
+    """A private folder with ``PLACEHOLDER_TAG/`` holding an empty file per name of
     :func:`placeholder_names`."""
-    tag = check_tag(plan.source_tag)
-    root = tempfile.mkdtemp(prefix=DIRECT_PREFIX)
-    folder = os.path.join(root, tag)
-    os.mkdir(folder)
-    for name in placeholder_names(plan):
-        with open(os.path.join(folder, name), "xb"):
-            pass
+    check_tag(plan.source_tag)
+    root = None
+    try:
+        root = tempfile.mkdtemp(prefix=DIRECT_PREFIX)
+        if glob.escape(root) != root:  # DeepSpeed globs in it: "[", "*", "?" match no file
+            raise OSError(errno.EINVAL, "the path holds a glob character ([, *, ?)")
+        folder = os.path.join(root, PLACEHOLDER_TAG)
+        os.mkdir(folder)
+        for name in placeholder_names(plan):
+            with open(os.path.join(folder, name), "xb"):
+                pass
+    except OSError as exc:
+        # one line, as a ReshapeError: the strategy gathers those from every rank (a raw
+        # OSError on one rank left the others waiting in that gather)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise CheckpointError(
+            f"{plan.source_root}: cannot create the direct load's placeholder folder in "
+            f"{tempfile.gettempdir()} ({exc.strerror or exc}); point TMPDIR at a writable "
+            "folder, or resume with AutoReshape(direct=False)"
+        ) from exc
     return root, folder
 
 
@@ -171,7 +190,7 @@ def load_direct(
     try:
         _, client_state = engine.load_checkpoint(
             root,
-            tag=plan.source_tag,
+            tag=PLACEHOLDER_TAG,
             load_optimizer_states=load_optimizer_states,
             load_lr_scheduler_states=load_lr_scheduler_states,
             load_module_strict=load_module_strict,

@@ -1218,7 +1218,7 @@ def _read_mp_rank(
         model_dtype = model_states.record_weights(b, params, tp_rank, pp_stage, model_dtype)
     model_states.record_frozen(b, param_shapes, params)
     if f.optim and zero_stage in (1, 2) or wrapper == "bf16_optimizer":
-        zero12.read_optimizer(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
+        zero12.read_optimizer(b, f, mp, topo, tp_rank, pp_stage, param_shapes, sd.get("ds_config"))
     elif zero_stage == 3:
         zero3.read_optimizer(b, f, mp, topo, tp_rank, pp_stage, param_shapes)
     else:

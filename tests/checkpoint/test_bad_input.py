@@ -105,3 +105,18 @@ def test_latest_points_nowhere(ckpt_root: dict[int, Path], tmp_path: Path) -> No
     save = copy_save(ckpt_root[1] / "z0", tmp_path / "z0")
     (save / "latest").write_text("global_step99")
     _expect(save, tmp_path, r"global_step99.*does not exist; tags present: \['global_step2'\]")
+
+
+@pytest.mark.parametrize("run", ["z1", "z2"])
+def test_dp_rank_files_swapped(ckpt_root: dict[int, Path], tmp_path: Path, run: str) -> None:
+    """Two dp ranks' optimizer files swapped by name: each partition has the right size, so
+    this read (and convert, and the direct load) took rank 1's elements for rank 0's, silently;
+    the files' own param_slice_mappings say which partition they hold."""
+    save = copy_save(ckpt_root[2] / run, tmp_path / run)
+    tag = save / "global_step2"
+    a, b = (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1))
+    a.rename(tag / "swap")
+    b.rename(a)
+    (tag / "swap").rename(b)
+    msg = _expect(save, tmp_path, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    assert "param_slice_mappings" in msg and "swapped" in msg

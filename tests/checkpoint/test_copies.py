@@ -136,3 +136,22 @@ def test_hold_in_use_is_shared(tmp_path: Path) -> None:
         assert a and b and copy.is_dir()
         done = remove_other_copies(tmp_path / "reshaped-y", PREFIX)
         assert done.removed == [] and done.kept == []  # no ``latest``: not a finished copy
+
+
+def test_an_odd_lock_file_keeps_that_copy_only(tmp_path: Path) -> None:
+    """A copy whose in-use lock is a symlink or a folder (O_NOFOLLOW: ELOOP; EISDIR) is kept
+    with a reason; the cleanup goes on with the others, and nothing outside is touched (the
+    raw OSError used to end the cleanup, after a successful load)."""
+    keep = _copy(tmp_path / f"{PREFIX}new")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious")
+    linked = _copy(tmp_path / f"{PREFIX}a-linked")
+    (linked / IN_USE_LOCK).symlink_to(outside)
+    folder = _copy(tmp_path / f"{PREFIX}b-folder")
+    (folder / IN_USE_LOCK).mkdir()
+    plain = _copy(tmp_path / f"{PREFIX}c-plain")
+    done = remove_other_copies(keep, PREFIX)
+    assert done.removed == [str(plain)]
+    assert {p for p, _ in done.kept} == {str(linked), str(folder)}
+    assert all("cannot lock it" in why for _, why in done.kept)
+    assert outside.read_text() == "precious" and linked.is_dir() and folder.is_dir()

@@ -117,3 +117,21 @@ def test_quick_mode_runs(saves: dict[str, Any], capsys: pytest.CaptureFixture[st
     assert len(targets) == 3
     assert all(line.split()[0] in ("PASS", "MISS", "n/a") for line in targets)
     assert "read amplification" in targets[0]
+
+
+@pytest.mark.parametrize(
+    ("worlds", "says"),
+    [
+        (",", "expected comma-separated integers"),  # was an IndexError traceback
+        ("128,128", "given twice"),  # was a "flat memory" PASS comparing 128 with itself
+        ("128000000000", "is above 1,048,576"),  # was a synthesis that never ended
+    ],
+)
+def test_bad_worlds_are_one_line(
+    worlds: str, says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        _scale().main(["--quick", "--no-rows", "--worlds", worlds])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err

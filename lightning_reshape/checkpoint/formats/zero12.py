@@ -228,9 +228,12 @@ def read_optimizer(
     tp_rank: int,
     pp_stage: int,
     param_shapes: Sequence[Mapping[str, Any]] | None,
+    ds_config: Mapping[str, Any] | None = None,
 ) -> None:
     """ZeRO 1/2 (and BF16_Optimizer) partitions of every dp rank, cut back into parameters by
-    ``param_shapes`` (flat order) and the alignment paddings."""
+    ``param_shapes`` (flat order) and the alignment paddings. ``ds_config`` (the model file's)
+    tells whether each file's ``param_slice_mappings`` can be checked against its dp rank:
+    not with ``round_robin_gradients``, whose mappings DeepSpeed records in another order."""
     if not param_shapes:
         raise CheckpointError(
             f"{b.path(f'mp_rank_{mp:02d}_model_states.pt')}: ZeRO optimizer files present but no "
@@ -244,6 +247,8 @@ def read_optimizer(
             f"{b.path(f.optim[(0, mp)])}: {n_groups} flat groups but the model file lists "
             f"{len(param_shapes)}; files from different saves?"
         )
+    zcfg = (ds_config or {}).get("zero_optimization") if isinstance(ds_config, Mapping) else None
+    check = not (isinstance(zcfg, Mapping) and zcfg.get("round_robin_gradients"))
     steps_seen: dict[str, Any] = {}
     for g, group in enumerate(param_shapes):
         psize = _partition_size(b, f.optim[(0, mp)], sds, g, n_groups)
@@ -251,6 +256,8 @@ def read_optimizer(
         for dp, sd in sds.items():
             at = (mp, tp_rank, pp_stage, dp, g)
             _read_partition(b, f.optim[(dp, mp)], sd, at, dp * psize, offsets, steps_seen)
+            if check:
+                _check_slice_mappings(b, f.optim[(dp, mp)], sd, g, dp * psize, offsets)
     check_steps(b, steps_seen)
     for dp, sd in sds.items():
         optim_refs(b, f.optim[(dp, mp)], sd["optimizer_state_dict"], OSD)
@@ -349,6 +356,45 @@ def _read_partition(
         for k in flat_keys:
             piece = Piece(file=file, key=(*state_prefix, g, k), **common)
             b.add(name, ROLE_OPTIM, k, piece, base_state[g][k].dtype)
+
+
+def _check_slice_mappings(
+    b: _Builder,
+    file: str,
+    sd: Mapping[str, Any],
+    g: int,
+    lo: int,
+    offsets: Mapping[str, tuple[int, int, tuple[int, ...]]],
+) -> None:
+    """The file's own ``param_slice_mappings`` (which parameter fragments DeepSpeed put in this
+    partition) must be those of the slice of flat group ``g`` from element ``lo``: a file saved
+    by another dp rank (renamed, swapped) holds a partition of the right size but the wrong
+    elements. Skipped when the file has no mappings or names its parameters otherwise."""
+    osd = sd["optimizer_state_dict"]
+    hi = lo + osd["single_partition_of_fp32_groups"][g].numel()
+    mappings = osd.get("param_slice_mappings")
+    if not isinstance(mappings, Sequence) or len(mappings) <= g:
+        return
+    saved = mappings[g]
+    if not isinstance(saved, Mapping) or not saved or any(n not in offsets for n in saved):
+        return
+    want = {}
+    for name, (poff, n, _) in offsets.items():
+        s, e = max(poff, lo), min(poff + n, hi)
+        if s < e:
+            want[name] = (s - lo, e - s)
+    try:
+        got = {name: (int(a.start), int(a.numel)) for name, a in saved.items()}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return
+    if got != want:
+        first = next(iter(saved))
+        raise CheckpointError(
+            f"{b.path(file)}: its param_slice_mappings (group {g}, first {first!r} at "
+            f"{got[first][0]}) are not those of the partition its name gives it (elements "
+            f"{lo}-{hi} of the flat group): the file was saved by another dp rank or another "
+            "model (renamed or swapped); restore the tag's files from the original save"
+        )
 
 
 def flat_state_keys(state: Mapping[Any, Any], g: int, numel: int) -> tuple[list[str], list[str]]:
