@@ -25,7 +25,15 @@ import torch
 
 from lightning_reshape.checkpoint import torchfile
 from lightning_reshape.checkpoint.execute import _convert, _get, _read_scattered, _set
-from lightning_reshape.checkpoint.plan import Carry, Copy, Plan, SetValue, TargetFile, TensorFill
+from lightning_reshape.checkpoint.plan import (
+    Carry,
+    Copy,
+    Plan,
+    SetValue,
+    TargetFile,
+    TensorFill,
+    check_source_file,
+)
 from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.errors import CheckpointError
 
@@ -52,7 +60,9 @@ class SourceFiles:
     def torch(self, name: str) -> Any:
         """The file as ``torch.load`` (memory-mapped, allow-listed) returns it."""
         if name not in self._torch:
+            check_source_file(self.plan, name)  # the very file that was planned
             self._torch[name] = safe_load(self.path(name), trust_checkpoint=self.plan.trusted)
+            check_source_file(self.plan, name)  # and not replaced while torch read it
         return self._torch[name]
 
     def value(self, name: str, key: tuple[Any, ...]) -> Any:
@@ -67,7 +77,9 @@ class SourceFiles:
     def ref(self, name: str, key: tuple[Any, ...]) -> Any:
         """The value at ``key`` as our reader records it (tensors as file offsets)."""
         if name not in self._refs:
+            check_source_file(self.plan, name)
             self._refs[name] = torchfile.load(self.path(name), trust_checkpoint=self.plan.trusted)
+            check_source_file(self.plan, name)
         try:
             return _get(self._refs[name], key)
         except (KeyError, IndexError, TypeError):

@@ -45,7 +45,14 @@ from typing import Any
 from filelock import FileLock, Timeout
 
 from lightning_reshape.checkpoint import torchfile
-from lightning_reshape.checkpoint.plan import Carry, Plan, SetValue, TargetFile, TensorFill
+from lightning_reshape.checkpoint.plan import (
+    Carry,
+    Plan,
+    SetValue,
+    TargetFile,
+    TensorFill,
+    check_source_file,
+)
 from lightning_reshape.checkpoint.sidecar import write_sidecar
 from lightning_reshape.checkpoint.torchfile import Opaque, Size, StorageRef, TensorRef
 from lightning_reshape.errors import CheckpointError, ReshapeError
@@ -279,9 +286,11 @@ def _write_file(
 
     def source(name: str) -> Any:
         if name not in sources:
+            check_source_file(plan, name)  # the very file that was planned
             sources[name] = torchfile.load(
                 os.path.join(plan.source_root, name), trust_checkpoint=plan.trusted
             )
+            check_source_file(plan, name)
         return sources[name]
 
     obj: dict[Any, Any] = {}

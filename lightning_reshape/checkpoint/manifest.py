@@ -170,6 +170,9 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
     #: what the plan needs beyond the tensors (None for a manifest built by hand)
     source_meta: SourceMeta | None = None
+    #: file -> (device, inode, size, mtime_ns) when it was read: both sinks refuse a file that
+    #: differs, so a plan is never applied to a file replaced or rewritten after planning
+    file_ids: dict[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
 
     def entries(self, role: str | None = None) -> tuple[TensorEntry, ...]:
         """Tensor entries, optionally only one role."""

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -188,6 +189,8 @@ class Plan:
     #: written next to the target files, so the output can itself be reshaped again (DeepSpeed
     #: does not record tensor-parallel splits); None when the splits are unknown (tp 1 -> 1)
     sidecar: Sidecar | None = None
+    #: the manifest's ``file_ids``: what each source file was when planned
+    source_ids: Mapping[str, tuple[int, ...]] = field(default_factory=dict, compare=False)
 
     def file(self, name: str) -> TargetFile:
         """The target file called ``name``."""
@@ -771,7 +774,25 @@ def build_plan(
         files=tuple(out),
         trusted=manifest.trusted,
         sidecar=_target_sidecar(manifest, target, ctx.splits, ctx.recorded, ctx.stages),
+        source_ids=manifest.file_ids,
     )
+
+
+def check_source_file(plan: Plan, name: str) -> None:
+    """Refuse source file ``name`` if it is no longer the file the plan was made from (its
+    device, inode, size or mtime differ): the plan's offsets would point at other bytes."""
+    want = plan.source_ids.get(name)
+    if want is None:
+        return
+    path = os.path.join(plan.source_root, name)
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror}); run again") from None
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != tuple(want):
+        raise CheckpointError(
+            f"{path}: changed since the reshape was planned (rewritten or replaced); run again"
+        )
 
 
 def rank_files(

@@ -683,6 +683,7 @@ class _Builder:
         self.src_parts: list[int] = []
         self.tie_owner: dict[tuple[str, str, str | None], int | None] = {}
         self.validated: set[str] = set()
+        self.ids: dict[str, tuple[int, ...]] = {}  # file -> identity when read
         self.last_file = ""  # the file read last: named when a malformed one slips through
         self.elastic = False  # ZeRO 1/2 saved with zero_optimization.elastic_checkpoint
         self.excluded_frozen = False  # saved with exclude_frozen_parameters=True
@@ -723,6 +724,9 @@ class _Builder:
 
     def load(self, file: str) -> Any:
         obj = self.reader.load(file)
+        if file not in self.ids:
+            st = os.stat(self.path(file))
+            self.ids[file] = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         self.last_file = file
         if file not in self.validated:
             _validate_file(self.path(file), obj)
@@ -927,6 +931,7 @@ def _build(b: _Builder) -> Manifest:
         trusted=b.trust,
         extra=_extra(b, first, topo, client_keys, sidecar),
         source_meta=model_states.read_source_meta(b, topo.mp, sidecar),
+        file_ids=dict(b.ids),
     )
 
 
