@@ -100,7 +100,8 @@ def test_direct_equals_copy(results: dict[str, Any], change: str, prec: str) -> 
 def test_failure_inside_the_load_cleans_up(results: dict[str, Any]) -> None:
     for _, res in results["truncated"]:
         assert "mp_rank_00_model_states.pt" in res["error"], res["error"]
-        assert "truncated or corrupt" in res["error"], res["error"]
+        # cut short after planning: not the file that was planned (identity check)
+        assert "changed since the reshape was planned" in res["error"], res["error"]
         assert res["restored"], "the engine's checkpoint engine was not restored"
         assert res["temp_left"] == []
 
