@@ -32,7 +32,7 @@ from filelock import FileLock, Timeout
 
 from lightning_reshape.checkpoint.execute import output_errors
 
-__all__ = ["IN_USE_LOCK", "RemovedCopies", "hold_in_use", "remove_other_copies"]
+__all__ = ["IN_USE_LOCK", "RemovedCopies", "disk_usage", "hold_in_use", "remove_other_copies"]
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class RemovedCopies:
     kept: list[tuple[str, str]] = field(default_factory=list)  # (folder, why)
 
 
-def _disk_usage(path: Path) -> int:
+def disk_usage(path: Path) -> int:
     """Bytes the files under ``path`` occupy on disk (allocated blocks, as ``du`` counts)."""
     total = 0
     for root, _, files in os.walk(path):
@@ -134,7 +134,7 @@ def _remove_unless_busy(copy: Path) -> int | str | None:
             except Timeout:
                 return "another job is writing or checking it"
             held.append(lock)
-        size = _disk_usage(copy)
+        size = disk_usage(copy)
         shutil.rmtree(copy, ignore_errors=True)
         return size
     finally:

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.nn import Module
 from torch.optim import Optimizer
 
-from lightning_reshape.checkpoint.copies import hold_in_use, remove_other_copies
+from lightning_reshape.checkpoint.copies import disk_usage, hold_in_use, remove_other_copies
 from lightning_reshape.checkpoint.reader import MODEL_RE, Z3_MODEL_RE, resolve_checkpoint
 from lightning_reshape.checkpoint.safe_load import safe_load
 from lightning_reshape.checkpoint.sidecar import Sidecar, TPSplit, read_sidecar, write_sidecar
@@ -592,7 +592,7 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
             zero_note = ""
             if saved.zero_stage != current.zero_stage:
                 zero_note = f" (ZeRO {current.zero_stage})"
-            size = _human_bytes(_disk_usage(target)) if self.is_global_zero else ""
+            size = _human_bytes(disk_usage(Path(target))) if self.is_global_zero else ""
             if reused:
                 done = f"reusing the reshaped copy made earlier, {target} ({size} on disk)"
             else:
@@ -898,18 +898,6 @@ def _delete_other_copies(keep: str) -> None:
         )
     for path, why in done.kept:
         rank_zero_info(f"lightning-reshape: kept the older reshaped copy {path}: {why}")
-
-
-def _disk_usage(path: str) -> int:
-    """Bytes the files under ``path`` occupy on disk (allocated blocks, as ``du`` counts)."""
-    total = 0
-    for root, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(root, name)).st_blocks * 512
-            except OSError:
-                pass
-    return total
 
 
 def _human_bytes(n: float) -> str:
