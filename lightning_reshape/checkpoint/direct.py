@@ -123,7 +123,7 @@ def placeholder_names(plan: Plan) -> list[str]:
     """The plan's files, plus the names DeepSpeed globs beside them: the model-states file of
     every mp rank (``_get_all_ckpt_names`` counts them against the mp world size) and every tp
     rank's file of each planned pipeline layer (``ckpt_layer_path_list``). A plan of one rank's
-    files (``plan_conversion(rank=...)``) thus stands in for the whole tag folder."""
+    files (``convert.plan_rank_load``) thus stands in for the whole tag folder."""
     t = plan.target
     names = dict.fromkeys(f.name for f in plan.files)
     for f in plan.files:
