@@ -103,6 +103,12 @@ class Copy:
     numel: int
     src_dtype: str
 
+    def runs(self) -> Iterator[tuple[int, int, int]]:
+        """The contiguous runs this copy moves, each (src_offset, dst_offset, numel) in
+        elements: consumers iterate these rather than reading the fields, so a copy may stand
+        for many runs."""
+        yield self.src_offset, self.dst_offset, self.numel
+
 
 @dataclass(frozen=True)
 class TensorFill:
