@@ -7,9 +7,10 @@ its own load (every format, its own fragment linking) on it with no copy on disk
 (``direct.py``). Same plan, second sink: ``SetValue`` through ``execute._convert``, ``Carry``
 values from the source loaded by torch's loader (memory-mapped: bytes no plan item names are
 never read), ``TensorFill`` a zero tensor filled from its ``Copy`` ranges (only those elements
-are read), ``tie`` the same tensor object. Every source storage record used is CRC-32 checked
-first, as the copy path checks it: that check reads each such record once, whole (a zip CRC
-covers its record), so a rank also reads the parts of a record other ranks need.
+are read), ``tie`` the same tensor object. Every source storage record used is CRC-32 checked before
+:func:`materialize` returns, as the copy path checks it. A zip CRC covers its whole record:
+the bytes read into place are checked in memory as they lie there, and only the parts of a
+record this rank does not need (other ranks' slices) are read for the check.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ class SourceFiles:
         self._torch: dict[str, Any] = {}
         self._refs: dict[str, Any] = {}
         self._fds: dict[str, int] = {}
+        # records read into place, checked in memory at :meth:`check_read`:
+        # (identity, file, record) -> (stored file, [(offset in record, the bytes read)])
+        self._read: dict[tuple[Any, ...], tuple[torchfile.StoredFile, list[Any]]] = {}
 
     def path(self, name: str) -> str:
         """The source file's path."""
@@ -113,6 +117,30 @@ class SourceFiles:
             stored.check_crc(self.fd(name, stored), ref.storage.key)
             self.checked.add(mark)
 
+    def read_into_place(
+        self, name: str, storage: torchfile.StorageRef, at: int, data: memoryview
+    ) -> None:
+        """Note that ``data`` will hold the bytes of ``storage`` (a record of file ``name``) from
+        byte ``at`` of the record, read into place: :meth:`check_read` checks the record's CRC-32
+        over them in memory instead of reading them again."""
+        stored = storage.file
+        if self.checked is None or stored is None:
+            return
+        mark = (stored.identity, name, storage.key)
+        if mark not in self.checked:
+            self._read.setdefault(mark, (stored, []))[1].append((at, data))
+
+    def check_read(self) -> None:
+        """CRC-32 check the records :meth:`read_into_place` noted (after the reads), each once."""
+        assert self.checked is not None or not self._read
+        for mark, (stored, parts) in self._read.items():
+            if mark in self.checked:  # type: ignore[operator]
+                continue
+            parts.sort(key=lambda p: p[0])
+            stored.check_crc(self.fd(mark[1], stored), mark[2], parts)
+            self.checked.add(mark)  # type: ignore[union-attr]
+        self._read.clear()
+
 
 def _tensor_refs(value: Any) -> Iterator[torchfile.TensorRef]:
     """Every tensor (as our reader's record) inside ``value``."""
@@ -136,12 +164,9 @@ def materialize(plan: Plan, tf: TargetFile, sources: SourceFiles) -> dict[Any, A
 
 
 def _build(tf: TargetFile, sources: SourceFiles) -> dict[Any, Any]:
-    for item in tf.items:  # check every record first: nothing corrupt reaches the engine
+    for item in tf.items:  # carried records are checked first: torch hands them on as they are
         if isinstance(item, Carry):
             sources.check(item.src_file, item.src_key)
-        elif isinstance(item, TensorFill):
-            for c in item.copies:
-                sources.check(c.src_file, c.src_key)
     obj: dict[Any, Any] = {}
     memo: dict[int, Any] = {}  # carried values share storages as in the source
     carried: set[tuple[str, tuple[Any, ...]]] = set()
@@ -158,6 +183,7 @@ def _build(tf: TargetFile, sources: SourceFiles) -> dict[Any, Any]:
             _set(obj, item.key, _get(obj, item.tie))
         else:
             _set(obj, item.key, _fill(item, sources))
+    sources.check_read()  # before anything is returned: nothing corrupt reaches the engine
     return obj
 
 
@@ -167,25 +193,35 @@ def _fill(item: TensorFill, sources: SourceFiles) -> torch.Tensor:
     Why ``empty`` and reads into place: each byte of the target is written once, and runs
     stored contiguously in the target's dtype are read from the files straight into the tensor,
     many per syscall (``execute._read_scattered``: a row-parallel split is thousands of short
-    runs); only casts and strided views go through torch's memory map."""
+    runs), then CRC-checked where they lie (:meth:`SourceFiles.read_into_place`); only casts
+    and strided views go through torch's memory map (their records checked first)."""
     out = torch.empty(item.shape, dtype=torchfile.dtype(item.dtype).to_torch())
     flat = out.view(-1)
     esize = flat.element_size()
+    view = memoryview(flat.view(torch.uint8).numpy())
     reads: dict[str, list[tuple[str, int, int, int]]] = {}
+    spans: list[tuple[int, int]] = []
     for c in item.copies:
-        at = _file_offset(flat, c, sources) if c.numel else None
-        if at is not None:
-            run = (c.src_file, at + c.src_offset * esize, c.dst_offset * esize, c.numel * esize)
-            reads.setdefault(c.src_file, []).append(run)
-        elif c.numel:
-            flat.narrow(0, c.dst_offset, c.numel).copy_(_source_run(c, sources, out))
-    if reads:
-        view = memoryview(flat.view(torch.uint8).numpy())
-        for name, runs in reads.items():
-            runs.sort(key=lambda r: r[1])
-            _read_scattered(sources.fd(name), sources.path(name), runs, view, 0)
+        ref = _stored_as_target(flat, c, sources)
+        for s, d, n in c.runs():
+            if not n:
+                continue
+            spans.append((d, d + n))
+            if ref is not None and s + n <= ref.numel() and d + n <= flat.numel():
+                at = ref.file_offset + s * esize
+                reads.setdefault(c.src_file, []).append((c.src_file, at, d * esize, n * esize))
+                record = at - ref.storage.data_offset
+                sources.read_into_place(
+                    c.src_file, ref.storage, record, view[d * esize :][: n * esize]
+                )
+            else:  # the torch path names a run out of bounds
+                sources.check(c.src_file, c.src_key)
+                flat.narrow(0, d, n).copy_(_source_run(c, s, d, n, sources, out))
+    for name, runs in reads.items():
+        runs.sort(key=lambda r: r[1])
+        _read_scattered(sources.fd(name), sources.path(name), runs, view, 0)
     end = 0
-    for a, b in sorted((c.dst_offset, c.dst_offset + c.numel) for c in item.copies if c.numel):
+    for a, b in sorted(spans):
         if a > end:
             flat[end:a].zero_()
         end = max(end, b)
@@ -194,36 +230,31 @@ def _fill(item: TensorFill, sources: SourceFiles) -> torch.Tensor:
     return out
 
 
-def _file_offset(flat: torch.Tensor, c: Copy, sources: SourceFiles) -> int | None:
-    """Byte offset in its file of the source tensor of ``c`` when the run can be read into
-    ``flat`` as stored (contiguous, the target's dtype, in bounds); None otherwise."""
+def _stored_as_target(flat: torch.Tensor, c: Copy, sources: SourceFiles) -> Any:
+    """The source tensor of ``c`` (our reader's record) when its runs can be read into ``flat``
+    as stored (contiguous, in the target's dtype); None otherwise."""
     ref = sources.ref(c.src_file, c.src_key)
     if not isinstance(ref, torchfile.TensorRef) or ref.storage.file is None:
         return None
-    at = ref.file_offset if ref.is_contiguous() else None
-    if at is None or ref.dtype.to_torch() != flat.dtype:
+    if not ref.is_contiguous() or ref.file_offset is None or ref.dtype.to_torch() != flat.dtype:
         return None
-    if c.src_offset + c.numel > ref.numel() or c.dst_offset + c.numel > flat.numel():
-        return None  # the torch path names the mismatch
     sources.fd(c.src_file, ref.storage.file)  # opened now: the very file our reader read
-    return at
+    return ref
 
 
-def _source_run(c: Copy, sources: SourceFiles, out: torch.Tensor) -> torch.Tensor:
-    """Elements ``[src_offset, +numel)`` of the source tensor, in logical order (a view of the
-    memory-mapped file where it is contiguous)."""
+def _source_run(
+    c: Copy, s: int, d: int, n: int, sources: SourceFiles, out: torch.Tensor
+) -> torch.Tensor:
+    """Elements ``[s, s + n)`` of the source tensor of ``c``, in logical order, for elements
+    ``[d, d + n)`` of ``out`` (a view of the memory-mapped file where it is contiguous)."""
     src = sources.value(c.src_file, c.src_key)
-    if (
-        not torch.is_tensor(src)
-        or c.src_offset + c.numel > src.numel()
-        or (c.dst_offset + c.numel > out.numel())
-    ):
+    if not torch.is_tensor(src) or s + n > src.numel() or d + n > out.numel():
         raise CheckpointError(
-            f"{sources.path(c.src_file)}: a copy of {c.numel} elements at {c.src_offset} does not "
-            f"fit (source {src.numel() if torch.is_tensor(src) else 'not a tensor'}, target "
-            f"{out.numel()} at {c.dst_offset}); the checkpoint does not match its manifest"
+            f"{sources.path(c.src_file)}: a copy of {n} elements at {s} does not fit (source "
+            f"{src.numel() if torch.is_tensor(src) else 'not a tensor'}, target "
+            f"{out.numel()} at {d}); the checkpoint does not match its manifest"
         )
-    return src.reshape(-1).narrow(0, c.src_offset, c.numel)
+    return src.reshape(-1).narrow(0, s, n)
 
 
 def _real(value: Any) -> Any:

@@ -215,18 +215,32 @@ class StoredFile:
     identity: tuple[int, ...] = ()  # (device, inode, size, mtime) when it was read
     crcs: Mapping[str, int] = field(default_factory=dict)  # storage key -> zip CRC-32
 
-    def check_crc(self, fd: int, key: str) -> None:
-        """Read storage record ``data/<key>`` through ``fd`` and compare its CRC-32 with the one
-        the zip directory holds: a flipped bit in tensor data is caught before it is copied."""
+    def check_crc(self, fd: int, key: str, have: Iterable[tuple[int, memoryview]] = ()) -> None:
+        """Compare the CRC-32 of storage record ``data/<key>`` with the one the zip directory
+        holds: a flipped bit in tensor data is caught before it is used.
+
+        ``have``: parts of the record already in memory, each (byte offset in the record,
+        bytes read from this file there), sorted by offset; only the rest is read through
+        ``fd``, so a caller that read the record into place pays no second read. Raises
+        CheckpointError naming the file and record."""
         want = self.crcs.get(key)
         if not want:  # 0: not recorded (torch's skip_data, and our outputs before 0.x wrote 0)
             return
         off, n = self.offsets[key]
-        got = crc32_range(fd, off, n, path=self.path)
-        if got != want:
+        crc = pos = 0
+        for at, data in have:
+            if at + len(data) <= pos:
+                continue  # read twice (two targets of one source run): counted once
+            if at > pos:
+                crc = crc32_range(fd, off + pos, at - pos, path=self.path, crc=crc)
+            crc = crc32(data[pos - at :] if at < pos else data, crc)
+            pos = at + len(data)
+        if pos < n:
+            crc = crc32_range(fd, off + pos, n - pos, path=self.path, crc=crc)
+        if crc != want:
             raise CheckpointError(
                 f"{self.path}: storage record data/{key} fails its CRC-32 check (stored "
-                f"{want:08x}, computed {got:08x}): the tensor bytes are corrupt; restore the file "
+                f"{want:08x}, computed {crc:08x}): the tensor bytes are corrupt; restore the file "
                 "from a good copy"
             )
 
@@ -250,10 +264,12 @@ except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fall
 CRC_CHUNK = 8 << 20
 
 
-def crc32_range(fd: int, offset: int, nbytes: int, *, path: str = "checkpoint file") -> int:
-    """CRC-32 (zip's) of ``nbytes`` bytes of ``fd`` from ``offset``, read a chunk at a time;
-    ``path`` names the file in errors."""
-    crc, buf = 0, bytearray(min(nbytes, CRC_CHUNK))
+def crc32_range(
+    fd: int, offset: int, nbytes: int, *, path: str = "checkpoint file", crc: int = 0
+) -> int:
+    """CRC-32 (zip's) of ``nbytes`` bytes of ``fd`` from ``offset``, read a chunk at a time,
+    continuing ``crc`` (the CRC of the bytes before); ``path`` names the file in errors."""
+    buf = bytearray(min(nbytes, CRC_CHUNK))
     view = memoryview(buf)
     while nbytes > 0:
         got = os.preadv(fd, [view[: min(nbytes, CRC_CHUNK)]], offset)

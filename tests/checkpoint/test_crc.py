@@ -86,3 +86,34 @@ def test_direct_path_reader_checks_crcs(ckpt_root: Mapping[int, Path], tmp_path:
     with ShardReader(manifest.root, check_crc=True) as checked:
         with pytest.raises(CheckpointError, match=f"{OPTIM0}: storage record data/.* CRC-32"):
             checked.read(piece)
+
+
+def test_record_crc_over_bytes_in_memory(tmp_path: Path) -> None:
+    """``StoredFile.check_crc(have=...)`` (the direct load's check of bytes it read into place):
+    any split of a record into parts in memory (gaps, overlaps, the whole) plus the rest read from
+    the file gives the zip's CRC-32; a part that differs from the file in memory is refused."""
+    import os
+
+    from lightning_reshape.checkpoint import torchfile
+
+    path = tmp_path / "t.pt"
+    torch.save({"w": torch.arange(4096, dtype=torch.float32)}, path)
+    ref = torchfile.load(path)["w"]
+    stored, key = ref.storage.file, ref.storage.key
+    off, n = stored.offsets[key]
+    fd = stored.open()
+    try:
+        data = memoryview(os.pread(fd, n, off))
+        for parts in (
+            [],
+            [(0, data)],
+            [(100, data[100:900]), (600, data[600:2000])],
+            [(0, data[:5]), (5, data[5:9]), (n - 7, data[n - 7 :])],
+        ):
+            stored.check_crc(fd, key, parts)
+        bad = bytearray(data[100:900])
+        bad[10] ^= 1
+        with pytest.raises(CheckpointError, match=f"{path}: storage record data/{key} fails"):
+            stored.check_crc(fd, key, [(100, memoryview(bad))])
+    finally:
+        os.close(fd)

@@ -142,3 +142,34 @@ def test_sink_checks_source_crcs(results: dict[str, Any], tmp_path: Path) -> Non
     assert materialize(plan, target, SourceFiles(plan, None))  # unchecked: read as found
     with pytest.raises(CheckpointError, match=f"{shard}: storage record data/.* CRC-32"):
         materialize(plan, target, SourceFiles(plan, set()))
+
+
+@pytest.mark.parametrize("dp_rank", [0, 1])
+def test_sink_checks_records_read_in_part(
+    results: dict[str, Any], tmp_path: Path, dp_rank: int
+) -> None:
+    """dp 1 -> 2: each rank reads half of each source record into place and checks the record's
+    CRC-32 over those bytes in memory plus the other half read for the check alone. A flipped
+    bit in the second half (rank 1 reads it into place; rank 0 reads it only for the check) is
+    refused on both ranks; without the check the load goes through."""
+    import shutil
+
+    from lightning_reshape.checkpoint.convert import plan_rank_load
+    from lightning_reshape.checkpoint.engine_sink import SourceFiles, materialize
+    from lightning_reshape.errors import CheckpointError
+    from tests.checkpoint.test_output_integrity import flip_tensor_byte
+
+    save = tmp_path / "dp1"
+    shutil.copytree(Path(results["root"]) / "dp1-fp32", save)
+    shard = "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    plan, _ = plan_rank_load(save, (0, 0, dp_rank), dp=2)
+    target = next(f for f in plan.files if f.name.endswith("optim_states.pt"))
+    checked: set[Any] = set()
+    materialize(plan, target, SourceFiles(plan, checked))  # intact: passes, records checked
+    assert checked
+    flip_tensor_byte(save / "src" / shard)
+    plan, _ = plan_rank_load(save, (0, 0, dp_rank), dp=2)  # planned again: the file changed
+    target = next(f for f in plan.files if f.name.endswith("optim_states.pt"))
+    assert materialize(plan, target, SourceFiles(plan, None))  # unchecked: read as found
+    with pytest.raises(CheckpointError, match=f"{shard}: storage record data/.* CRC-32"):
+        materialize(plan, target, SourceFiles(plan, set()))
