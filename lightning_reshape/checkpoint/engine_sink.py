@@ -20,7 +20,7 @@ import importlib
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -201,19 +201,21 @@ def _fill(item: TensorFill, sources: SourceFiles) -> torch.Tensor:
     view = memoryview(flat.view(torch.uint8).numpy())
     reads: dict[str, list[tuple[str, int, int, int]]] = {}
     spans: list[tuple[int, int]] = []
+    stored: dict[tuple[str, tuple[Any, ...]], _Stored | None] = {}  # a copy per row, often
     for c in item.copies:
-        ref = _stored_as_target(flat, c, sources)
+        mark = (c.src_file, tuple(c.src_key))
+        if mark not in stored:
+            stored[mark] = _stored_as_target(flat, c, sources)
+        st = stored[mark]
         for s, d, n in c.runs():
             if not n:
                 continue
             spans.append((d, d + n))
-            if ref is not None and s + n <= ref.numel() and d + n <= flat.numel():
-                at = ref.file_offset + s * esize
+            if st is not None and s + n <= st.numel and d + n <= flat.numel():
+                at = st.at + s * esize
                 reads.setdefault(c.src_file, []).append((c.src_file, at, d * esize, n * esize))
-                record = at - ref.storage.data_offset
-                sources.read_into_place(
-                    c.src_file, ref.storage, record, view[d * esize :][: n * esize]
-                )
+                part = view[d * esize : (d + n) * esize]
+                sources.read_into_place(c.src_file, st.storage, at - st.record_at, part)
             else:  # the torch path names a run out of bounds
                 sources.check(c.src_file, c.src_key)
                 flat.narrow(0, d, n).copy_(_source_run(c, s, d, n, sources, out))
@@ -230,16 +232,27 @@ def _fill(item: TensorFill, sources: SourceFiles) -> torch.Tensor:
     return out
 
 
-def _stored_as_target(flat: torch.Tensor, c: Copy, sources: SourceFiles) -> Any:
-    """The source tensor of ``c`` (our reader's record) when its runs can be read into ``flat``
-    as stored (contiguous, in the target's dtype); None otherwise."""
+class _Stored(NamedTuple):
+    """A source tensor readable as stored: its storage record, the byte offset in its file of
+    its element 0 and of its record's first byte, its element count."""
+
+    storage: torchfile.StorageRef
+    at: int
+    record_at: int
+    numel: int
+
+
+def _stored_as_target(flat: torch.Tensor, c: Copy, sources: SourceFiles) -> _Stored | None:
+    """Where the source tensor of ``c`` lies when its runs can be read into ``flat`` as stored
+    (contiguous, in the target's dtype); None otherwise."""
     ref = sources.ref(c.src_file, c.src_key)
     if not isinstance(ref, torchfile.TensorRef) or ref.storage.file is None:
         return None
-    if not ref.is_contiguous() or ref.file_offset is None or ref.dtype.to_torch() != flat.dtype:
+    at = ref.file_offset
+    if at is None or not ref.is_contiguous() or ref.dtype.to_torch() != flat.dtype:
         return None
     sources.fd(c.src_file, ref.storage.file)  # opened now: the very file our reader read
-    return ref
+    return _Stored(ref.storage, at, ref.storage.data_offset, ref.numel())
 
 
 def _source_run(
