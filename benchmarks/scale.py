@@ -600,8 +600,9 @@ def read_bytes(
             for c in t.copies:
                 start, _ = records[c.src_file][c.src_key]
                 size = ELEMENT_SIZE[c.src_dtype]
-                a = start + c.src_offset * size
-                ranges.setdefault(c.src_file, []).append((a, a + c.numel * size))
+                spans = ranges.setdefault(c.src_file, [])
+                for s_off, _, n in c.runs():
+                    spans.append((start + s_off * size, start + (s_off + n) * size))
     read = 0
     for spans in ranges.values():
         spans.sort()

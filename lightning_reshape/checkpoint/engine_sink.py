@@ -19,6 +19,7 @@ import importlib
 import os
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -130,9 +131,30 @@ def _tensor_refs(value: Any) -> Iterator[torchfile.TensorRef]:
 def materialize(plan: Plan, tf: TargetFile, sources: SourceFiles) -> dict[Any, Any]:
     """The state dict ``torch.load`` returns for target file ``tf`` as the copy path writes it."""
     try:
-        return _build(tf, sources)
+        return _build(_single_runs(tf), sources)
     finally:
         sources.close()
+
+
+def _single_runs(tf: TargetFile) -> TargetFile:
+    """``tf`` with each strided copy as one copy per run, for a ``_fill`` that reads ``numel``
+    (drop once ``_fill`` iterates ``Copy.runs()``)."""
+    if all(c.rows == 1 for t in tf.tensors for c in t.copies):
+        return tf
+    items = [
+        replace(
+            i,
+            copies=tuple(
+                replace(c, src_offset=s, dst_offset=d, numel=n, rows=1, src_stride=0, dst_stride=0)
+                for c in i.copies
+                for s, d, n in c.runs()
+            ),
+        )
+        if isinstance(i, TensorFill)
+        else i
+        for i in tf.items
+    ]
+    return replace(tf, items=tuple(items))
 
 
 def _build(tf: TargetFile, sources: SourceFiles) -> dict[Any, Any]:
