@@ -64,6 +64,9 @@ __all__ = [
     "read_source_meta",
     "build_plan",
     "rank_files",
+    "rank_file_names",
+    "plan_context",
+    "plan_from_context",
     "format_plan",
 ]
 
@@ -794,16 +797,15 @@ def _optimizer_groups(ctx: PlanContext) -> list[tuple[str, ...]]:
 
     src = ctx.manifest.topology
     rr = bool(ctx.zcfg.get("round_robin_gradients")) and src.zero_stage in (1, 2)
-    groups: list[tuple[str, ...]] = []
+    groups: list[dict[str, None]] = []  # ordered sets: a name is looked up in O(1)
     for stage in range(src.pp if ctx.pipeline else 1):
         for g, names in enumerate(source_groups(ctx.manifest, ctx.meta, stage * src.tp)):
             names = undo_round_robin(names, src.dp) if rr else tuple(names)
-            if g < len(groups):
-                # a TiedLayerSpec module is held by every stage using it: listed once
-                groups[g] += tuple(n for n in names if n not in groups[g])
-            else:
-                groups.append(names)
-    return groups
+            if g == len(groups):
+                groups.append({})
+            # a TiedLayerSpec module is held by every stage using it: listed once
+            groups[g].update(dict.fromkeys(names))
+    return [tuple(g) for g in groups]
 
 
 class _Selection:
@@ -863,9 +865,16 @@ def build_plan(
     a name the target does not have is not in the plan.
     Raises LayoutError/CheckpointError (nothing written) for a target that cannot be reached.
     """
+    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    return plan_from_context(ctx, files)
+
+
+def plan_from_context(ctx: PlanContext, files: Iterable[str] | None = None) -> Plan:
+    """:func:`build_plan` from a context already computed (:func:`plan_context`): a rank that
+    names its files (:func:`rank_file_names`) and plans them computes the context once."""
     from lightning_reshape.checkpoint.formats import zero0, zero3, zero12
 
-    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    manifest, target = ctx.manifest, ctx.target
     sel = _Selection(ctx, files)
     writer = {0: zero0.plan_files, 1: zero12.plan_files, 2: zero12.plan_files}.get(
         target.zero_stage, zero3.plan_files
@@ -918,13 +927,18 @@ def rank_files(
     ``dp_rank``) loads: its model-states file (ZeRO 3: its own ``zero_pp_rank_D`` one), its
     optimizer file (``bf16_`` prefixed when bf16 is enabled; none at ZeRO 0) and, in a pipeline,
     its stage's layer files. Pure: ``build_plan(..., files=rank_files(...))`` plans that rank's
-    share alone."""
+    share alone (:func:`rank_file_names` and :func:`plan_from_context` share one context)."""
+    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    return rank_file_names(ctx, tp_rank, pp_stage, dp_rank)
+
+
+def rank_file_names(ctx: PlanContext, tp_rank: int, pp_stage: int, dp_rank: int) -> tuple[str, ...]:
+    """:func:`rank_files` from a context already computed."""
     from lightning_reshape.checkpoint.formats import pipeline
 
-    t = target
+    t = ctx.target
     if not (0 <= tp_rank < t.tp and 0 <= pp_stage < t.pp and 0 <= dp_rank < t.dp):
         raise LayoutError(f"rank (tp={tp_rank}, pp={pp_stage}, dp={dp_rank}) is outside target {t}")
-    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
     mp = pp_stage * t.tp + tp_rank
     optim = f"{ctx.prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
     if t.zero_stage == 0:
