@@ -25,8 +25,9 @@ Layouts (one family, dp scales; tp 8, pp 16 -> 8 throughout):
 
 Per measured target rank: plan time (wall and CPU) of that rank's direct load, the files its
 DeepSpeed engine loads (its model-states file, its stage's layer files for its tp rank, its
-optimizer file), named by the planner's ``rank_files`` and planned by
-``build_plan(..., files=...)``, as the rank itself would; the source metadata rides on the
+optimizer file), named by the planner's ``rank_file_names`` and planned by
+``plan_from_context`` on one plan context, as the rank itself would
+(``convert.plan_rank_load``); the source metadata rides on the
 manifest (``Manifest.source_meta``) as ``read_manifest`` puts it there;
 bytes needed (the target tensor bytes of those files) against bytes read (the copies' source
 ranges, coalesced per source file and rounded out to 4 KiB pages, as pread/mmap would read
@@ -66,8 +67,13 @@ from lightning_reshape.checkpoint.manifest import (
     StateRef,
     TensorEntry,
 )
-from lightning_reshape.checkpoint.plan import Plan, Target, build_plan
-from lightning_reshape.checkpoint.plan import rank_files as named_files
+from lightning_reshape.checkpoint.plan import (
+    Plan,
+    Target,
+    plan_context,
+    plan_from_context,
+    rank_file_names,
+)
 from lightning_reshape.checkpoint.sidecar import TPSplit
 
 PAGE = 4096
@@ -542,19 +548,23 @@ def sample_ranks(target: Target, count: int) -> list[int]:
 
 
 class Planner:
-    """Plans one rank's direct load as the rank would: names its files with the planner's
-    ``rank_files`` (checked against :func:`rank_files` here), then
-    ``build_plan(..., files=...)``."""
+    """Plans one rank's direct load as the rank would (``convert.plan_rank_load``): one plan
+    context, its files named by the planner's ``rank_file_names`` (checked against
+    :func:`rank_files` here), then ``plan_from_context`` of those files."""
 
     def __init__(self, source: Source, target: Target, shape: GPTShape) -> None:
         self.source = source
         self.target = target
         self.shape = shape
 
-    def files(self, rank: int) -> tuple[str, ...]:
-        """The files ``rank`` loads, as the planner names them."""
+    def plan_rank(self, rank: int) -> tuple[tuple[str, ...], Plan]:
+        """The files ``rank`` loads, as the planner names them, and their plan."""
         stage, d, t = rank_coords(self.target, rank)
-        return named_files(self.source.manifest, None, self.target, t, stage, d)
+        m = self.source.manifest
+        assert m.source_meta is not None
+        ctx = plan_context(m, m.source_meta, self.target)
+        files = rank_file_names(ctx, t, stage, d)
+        return files, plan_from_context(ctx, files)
 
     def check_files(self, rank: int, files: Sequence[str]) -> None:
         mine = rank_files(self.shape, self.target, rank)
@@ -563,9 +573,6 @@ class Planner:
                 f"rank {rank}: the planner names files {sorted(files)}, the benchmark expects "
                 f"{sorted(mine)}"
             )
-
-    def plan(self, files: Sequence[str]) -> Plan:
-        return build_plan(self.source.manifest, None, self.target, files=files)
 
 
 @dataclass(frozen=True)
@@ -600,8 +607,9 @@ def read_bytes(
             for c in t.copies:
                 start, _ = records[c.src_file][c.src_key]
                 size = ELEMENT_SIZE[c.src_dtype]
-                a = start + c.src_offset * size
-                ranges.setdefault(c.src_file, []).append((a, a + c.numel * size))
+                spans = ranges.setdefault(c.src_file, [])
+                for s_off, _, n in c.runs():
+                    spans.append((start + s_off * size, start + (s_off + n) * size))
     read = 0
     for spans in ranges.values():
         spans.sort()
@@ -621,11 +629,10 @@ def measure_rank(planner: Planner, rank: int) -> RankResult:
     """Plan ``rank``'s direct load (name its files, plan them) twice: timed, then under
     tracemalloc for its peak memory."""
     t0, c0 = time.perf_counter(), time.process_time()
-    files = planner.files(rank)
-    plan = planner.plan(files)
+    files, plan = planner.plan_rank(rank)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     tracemalloc.start()
-    planner.plan(planner.files(rank))
+    planner.plan_rank(rank)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     planner.check_files(rank, files)
@@ -675,7 +682,7 @@ def run_world(
     source = synthesize(shape, tp, pp, dp)
     planner = Planner(source, fam.target, shape)
     ranks = sample_ranks(fam.target, sample)
-    planner.plan(planner.files(ranks[0]))  # warm-up, untimed: imports, first-call costs
+    planner.plan_rank(ranks[0])  # warm-up, untimed: imports, first-call costs
     out(f"\n== world {world}: {fam.describe()}")
     m = source.manifest
     n_pieces = sum(len(t.pieces) for t in m.tensors)

@@ -27,7 +27,15 @@ from lightning_reshape.checkpoint.execute import (
     write_plan,
 )
 from lightning_reshape.checkpoint.manifest import Manifest
-from lightning_reshape.checkpoint.plan import Plan, Target, build_plan, rank_files, read_source_meta
+from lightning_reshape.checkpoint.plan import (
+    Plan,
+    Target,
+    build_plan,
+    plan_context,
+    plan_from_context,
+    rank_file_names,
+    read_source_meta,
+)
 from lightning_reshape.checkpoint.reader import TPRule, read_manifest, refuse_elastic
 from lightning_reshape.errors import CheckpointError
 
@@ -118,12 +126,13 @@ def plan_rank_load(
     manifest, target = _source_and_target(
         src, tp, pp, dp, zero_stage, source_tag, trust, rules, pp_partition
     )
-    own = rank_files(manifest, None, target, *rank, tp_rules=rules)
+    ctx = plan_context(manifest, read_source_meta(manifest), target, rules)  # computed once
+    own = rank_file_names(ctx, *rank)
 
     def plan_file(name: str) -> Plan:
-        return build_plan(manifest, None, target, tp_rules=rules, files=(name,))
+        return plan_from_context(ctx, (name,))
 
-    return build_plan(manifest, None, target, tp_rules=rules, files=own), plan_file
+    return plan_from_context(ctx, own), plan_file
 
 
 def convert_checkpoint(

@@ -332,7 +332,7 @@ def _write_file(
                 src_t = tensors.get((c.src_file, c.src_key))
                 if src_t is None:
                     src_t = tensors[c.src_file, c.src_key] = _get(source(c.src_file), c.src_key)
-                runs.append((c.src_file, src_t, c.src_offset, c.dst_offset, c.numel))
+                runs.extend((c.src_file, src_t, *r) for r in c.runs())
             jobs.append((new, runs))
     tmp = folder / f"{tf.name}.tmp"
     os.close(_open_new(tmp))  # a planted link at name.tmp is removed, never followed

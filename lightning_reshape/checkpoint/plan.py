@@ -64,6 +64,9 @@ __all__ = [
     "read_source_meta",
     "build_plan",
     "rank_files",
+    "rank_file_names",
+    "plan_context",
+    "plan_from_context",
     "format_plan",
 ]
 
@@ -94,7 +97,12 @@ class Target:
 @dataclass(frozen=True)
 class Copy:
     """``numel`` elements at element ``src_offset`` of the tensor at ``src_key`` in ``src_file``
-    go to element ``dst_offset`` of the target tensor (cast when dtypes differ)."""
+    go to element ``dst_offset`` of the target tensor (cast when dtypes differ); with ``rows``
+    > 1, ``rows`` such runs, run k from ``src_offset + k * src_stride`` to
+    ``dst_offset + k * dst_stride`` (elements).
+
+    Why strided: a row-parallel weight cut to a new tp is one run per row of the source shard;
+    one Copy stands for all of them, so plans stay small at 175B sizes."""
 
     src_file: str
     src_key: KeyPath
@@ -102,12 +110,25 @@ class Copy:
     dst_offset: int
     numel: int
     src_dtype: str
+    rows: int = 1
+    src_stride: int = 0
+    dst_stride: int = 0
+
+    @property
+    def elements(self) -> int:
+        """Elements moved in all: ``numel`` per run, ``rows`` runs."""
+        return self.numel * self.rows
 
     def runs(self) -> Iterator[tuple[int, int, int]]:
         """The contiguous runs this copy moves, each (src_offset, dst_offset, numel) in
         elements: consumers iterate these rather than reading the fields, so a copy may stand
         for many runs."""
-        yield self.src_offset, self.dst_offset, self.numel
+        for k in range(self.rows):
+            yield (
+                self.src_offset + k * self.src_stride,
+                self.dst_offset + k * self.dst_stride,
+                self.numel,
+            )
 
 
 @dataclass(frozen=True)
@@ -173,7 +194,7 @@ class TargetFile:
         out: dict[str, int] = {}
         for t in self.tensors:
             for c in t.copies:
-                out[c.src_file] = out.get(c.src_file, 0) + c.numel * _ELEMENT_SIZE.get(
+                out[c.src_file] = out.get(c.src_file, 0) + c.elements * _ELEMENT_SIZE.get(
                     c.src_dtype, 4
                 )
         for it in self.items:  # a file that only carries values is a source too
@@ -255,20 +276,27 @@ def _check_split(name: str, shape: tuple[int, ...], split: TPSplit, tps: Sequenc
             )
 
 
+#: a strided run of the tp geometry: (src tp rank, src local flat offset, dst local flat offset,
+#: numel, rows, src stride, dst stride); row k moves ``numel`` elements from
+#: ``src + k * src stride`` to ``dst + k * dst stride``
+_Run = tuple[int, int, int, int, int, int, int]
+
+
 def _tp_runs(
     shape: tuple[int, ...],
     split: TPSplit | None,
     src_tp: int,
     tgt_tp: int,
     tgt_rank: int,
-) -> Iterator[tuple[int, int, int, int]]:
-    """(src tp rank, src local flat offset, dst local flat offset, numel) covering target
-    rank ``tgt_rank``'s whole shard, in dst order."""
+) -> Iterator[_Run]:
+    """Strided runs covering target rank ``tgt_rank``'s whole shard: the runs of one slice
+    along the dims before the split dim, each repeated once per such slice (``rows``), so the
+    count does not grow with the tensor's rows."""
     if split is None or src_tp == tgt_tp:
         src_rank = tgt_rank if (split is not None and src_tp == tgt_tp) else 0
         if split is None and src_tp == tgt_tp:
             src_rank = tgt_rank
-        yield (src_rank, 0, 0, math.prod(_local_shape(shape, split, tgt_tp)))
+        yield (src_rank, 0, 0, math.prod(_local_shape(shape, split, tgt_tp)), 1, 0, 0)
         return
     d, s = split.dim, split.stride
     big = shape[d]
@@ -276,18 +304,17 @@ def _tp_runs(
     inner = math.prod(shape[d + 1 :])
     w_t, w_s = big // (s * tgt_tp), big // (s * src_tp)
     d_t, d_s = big // tgt_tp, big // src_tp
-    for o in range(outer):
-        for c in range(s):
-            a = tgt_rank * w_t  # rows within the stride chunk
-            end = a + w_t
-            dst = (o * d_t + c * w_t) * inner
-            while a < end:
-                q, jq = divmod(a, w_s)
-                b = min(end, (q + 1) * w_s)
-                n = (b - a) * inner
-                yield (q, (o * d_s + c * w_s + jq) * inner, dst, n)
-                dst += n
-                a = b
+    for c in range(s):
+        a = tgt_rank * w_t  # rows within the stride chunk
+        end = a + w_t
+        dst = c * w_t * inner
+        while a < end:
+            q, jq = divmod(a, w_s)
+            b = min(end, (q + 1) * w_s)
+            n = (b - a) * inner
+            yield (q, (c * w_s + jq) * inner, dst, n, outer, d_s * inner, d_t * inner)
+            dst += n
+            a = b
 
 
 class _Resolver:
@@ -298,7 +325,7 @@ class _Resolver:
         self.splits = splits
         self.tgt_tp = tgt_tp
         self._pieces: dict[tuple[Any, int], tuple[list[int], list[Piece]]] = {}
-        self._runs: dict[tuple[Any, ...], tuple[list[int], list[tuple[int, ...]]]] = {}
+        self._runs: dict[tuple[Any, ...], list[_Run]] = {}
 
     def pieces(self, entry: TensorEntry, rank: int) -> tuple[list[int], list[Piece]]:
         key = (entry.key, rank)
@@ -312,38 +339,77 @@ class _Resolver:
             self._pieces[key] = ([p.dst_offset for p in ps], ps)
         return self._pieces[key]
 
-    def runs(self, entry: TensorEntry, rank: int) -> tuple[list[int], list[tuple[int, ...]]]:
-        """(dst starts, runs) of ``_tp_runs``, adjacent runs merged; shared by every entry of
-        the same shape and split (a parameter, its master and each optimizer state)."""
+    def runs(self, entry: TensorEntry, rank: int) -> list[_Run]:
+        """``_tp_runs``, adjacent runs merged and a strided run whose rows touch in both
+        tensors made one run; shared by every entry of the same shape and split (a
+        parameter, its master and each optimizer state)."""
         split = self.splits.get(entry.name)
         key = (entry.shape, split, rank)
         if key not in self._runs:
-            runs: list[tuple[int, ...]] = []
+            runs: list[_Run] = []
             for r in _tp_runs(entry.shape, split, self.m.topology.tp, self.tgt_tp, rank):
-                if runs and runs[-1][0] == r[0] and runs[-1][1] + runs[-1][3] == r[1]:
-                    last = runs[-1]
-                    runs[-1] = (last[0], last[1], last[2], last[3] + r[3])
+                last = runs[-1] if runs else None
+                if (
+                    last is not None
+                    and last[0] == r[0]
+                    and last[4:] == r[4:]
+                    and last[1] + last[3] == r[1]
+                    and last[2] + last[3] == r[2]
+                ):
+                    runs[-1] = (*last[:3], last[3] + r[3], *last[4:])
                 else:
                     runs.append(r)
-            self._runs[key] = ([r[2] for r in runs], runs)
+            for i, (q, s_off, d_off, n, rows, ss, ds) in enumerate(runs):
+                if rows > 1 and ss == n and ds == n:
+                    runs[i] = (q, s_off, d_off, n * rows, 1, 0, 0)
+            self._runs[key] = runs
         return self._runs[key]
 
     def copies(self, entry: TensorEntry, rank: int, lo: int, hi: int, dst_base: int) -> list[Copy]:
-        """Copies placing target-local elements [lo, hi) of ``entry`` at ``dst_base``."""
+        """Copies placing target-local elements [lo, hi) of ``entry`` at ``dst_base``: whole
+        rows of a strided run that lie in one source piece become one strided Copy."""
         out: list[Copy] = []
-        starts, runs = self.runs(entry, rank)
         pieces: dict[int, tuple[list[int], list[Piece]]] = {}
-        i = max(0, bisect.bisect_right(starts, lo) - 1)
-        while i < len(runs) and runs[i][2] < hi:
-            src_rank, s_off, d_off, n = runs[i]
-            a, b = max(lo, d_off), min(hi, d_off + n)
-            if a < b:
-                if src_rank not in pieces:
-                    pieces[src_rank] = self.pieces(entry, src_rank)
-                self._piece_copies(
-                    entry, pieces[src_rank], s_off + a - d_off, b - a, dst_base + a - lo, out
+        for q, s_off, d_off, n, rows, ss, ds in self.runs(entry, rank):
+            if rows == 1:
+                k, k1 = 0, int(d_off < hi and d_off + n > lo)
+            else:  # the rows that meet [lo, hi)
+                k, k1 = max(0, (lo - d_off - n) // ds + 1), min(rows, -(-(hi - d_off) // ds))
+            if k >= k1:
+                continue
+            if q not in pieces:
+                pieces[q] = self.pieces(entry, q)
+            offs, ps = pieces[q]
+            while k < k1:
+                at, src = d_off + k * ds, s_off + k * ss
+                a, b = max(lo, at), min(hi, at + n)
+                i = bisect.bisect_right(offs, src) - 1
+                p = ps[i] if i >= 0 else None
+                if (a, b) != (at, at + n) or p is None or p.dst_offset + p.numel < src + n:
+                    # a row cut by [lo, hi) or by a piece boundary (or missing): on its own
+                    self._piece_copies(
+                        entry, pieces[q], src + a - at, b - a, dst_base + a - lo, out
+                    )
+                    k += 1
+                    continue
+                last = k1 - 1
+                if rows > 1:  # the last row inside both [lo, hi) and the piece
+                    end = p.dst_offset + p.numel
+                    last = min(last, (end - n - s_off) // ss, (hi - n - d_off) // ds)
+                _append(
+                    out,
+                    Copy(
+                        p.file,
+                        p.key,
+                        p.src_offset + src - p.dst_offset,
+                        dst_base + at - lo,
+                        n,
+                        entry.dtype,
+                        last - k + 1,
+                        *((ss, ds) if last > k else (0, 0)),
+                    ),
                 )
-            i += 1
+                k = last + 1
         return out
 
     def _piece_copies(
@@ -370,23 +436,63 @@ class _Resolver:
             if take <= 0:
                 i += 1
                 continue
-            prev = out[-1] if out else None
             src_off = p.src_offset + pos - p.dst_offset
-            if (
-                prev is not None
-                and prev.src_file == p.file
-                and prev.src_key == p.key
-                and prev.src_offset + prev.numel == src_off
-                and prev.dst_offset + prev.numel == dst
-            ):
-                out[-1] = Copy(
-                    p.file, p.key, prev.src_offset, prev.dst_offset, prev.numel + take, entry.dtype
-                )
-            else:
-                out.append(Copy(p.file, p.key, src_off, dst, take, entry.dtype))
+            _append(out, Copy(p.file, p.key, src_off, dst, take, entry.dtype))
             pos += take
             dst += take
             i += 1
+
+
+def _append(out: list[Copy], c: Copy) -> None:
+    """Append ``c`` to ``out``, or extend the last copy when ``c`` continues it: the same
+    source tensor and either contiguous in both tensors, or the same run length with the
+    source and target offsets advancing by the same strides."""
+    prev = out[-1] if out else None
+    if prev is None or prev.src_file != c.src_file or prev.src_key != c.src_key:
+        out.append(c)
+        return
+    if (
+        prev.rows == 1
+        and c.rows == 1
+        and prev.src_offset + prev.numel == c.src_offset
+        and prev.dst_offset + prev.numel == c.dst_offset
+    ):
+        out[-1] = Copy(
+            c.src_file,
+            c.src_key,
+            prev.src_offset,
+            prev.dst_offset,
+            prev.numel + c.numel,
+            c.src_dtype,
+        )
+        return
+    if prev.numel == c.numel:
+        if prev.rows > 1:
+            ss, ds = prev.src_stride, prev.dst_stride
+        elif c.rows > 1:
+            ss, ds = c.src_stride, c.dst_stride
+        else:
+            ss, ds = c.src_offset - prev.src_offset, c.dst_offset - prev.dst_offset
+        if (
+            ss >= c.numel
+            and ds >= c.numel
+            and (c.rows == 1 or (c.src_stride, c.dst_stride) == (ss, ds))
+            and c.src_offset == prev.src_offset + prev.rows * ss
+            and c.dst_offset == prev.dst_offset + prev.rows * ds
+        ):
+            out[-1] = Copy(
+                c.src_file,
+                c.src_key,
+                prev.src_offset,
+                prev.dst_offset,
+                c.numel,
+                c.src_dtype,
+                prev.rows + c.rows,
+                ss,
+                ds,
+            )
+            return
+    out.append(c)
 
 
 # --------------------------------------------------------------------------------------------
@@ -691,16 +797,15 @@ def _optimizer_groups(ctx: PlanContext) -> list[tuple[str, ...]]:
 
     src = ctx.manifest.topology
     rr = bool(ctx.zcfg.get("round_robin_gradients")) and src.zero_stage in (1, 2)
-    groups: list[tuple[str, ...]] = []
+    groups: list[dict[str, None]] = []  # ordered sets: a name is looked up in O(1)
     for stage in range(src.pp if ctx.pipeline else 1):
         for g, names in enumerate(source_groups(ctx.manifest, ctx.meta, stage * src.tp)):
             names = undo_round_robin(names, src.dp) if rr else tuple(names)
-            if g < len(groups):
-                # a TiedLayerSpec module is held by every stage using it: listed once
-                groups[g] += tuple(n for n in names if n not in groups[g])
-            else:
-                groups.append(names)
-    return groups
+            if g == len(groups):
+                groups.append({})
+            # a TiedLayerSpec module is held by every stage using it: listed once
+            groups[g].update(dict.fromkeys(names))
+    return [tuple(g) for g in groups]
 
 
 class _Selection:
@@ -760,9 +865,16 @@ def build_plan(
     a name the target does not have is not in the plan.
     Raises LayoutError/CheckpointError (nothing written) for a target that cannot be reached.
     """
+    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    return plan_from_context(ctx, files)
+
+
+def plan_from_context(ctx: PlanContext, files: Iterable[str] | None = None) -> Plan:
+    """:func:`build_plan` from a context already computed (:func:`plan_context`): a rank that
+    names its files (:func:`rank_file_names`) and plans them computes the context once."""
     from lightning_reshape.checkpoint.formats import zero0, zero3, zero12
 
-    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    manifest, target = ctx.manifest, ctx.target
     sel = _Selection(ctx, files)
     writer = {0: zero0.plan_files, 1: zero12.plan_files, 2: zero12.plan_files}.get(
         target.zero_stage, zero3.plan_files
@@ -815,13 +927,18 @@ def rank_files(
     ``dp_rank``) loads: its model-states file (ZeRO 3: its own ``zero_pp_rank_D`` one), its
     optimizer file (``bf16_`` prefixed when bf16 is enabled; none at ZeRO 0) and, in a pipeline,
     its stage's layer files. Pure: ``build_plan(..., files=rank_files(...))`` plans that rank's
-    share alone."""
+    share alone (:func:`rank_file_names` and :func:`plan_from_context` share one context)."""
+    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
+    return rank_file_names(ctx, tp_rank, pp_stage, dp_rank)
+
+
+def rank_file_names(ctx: PlanContext, tp_rank: int, pp_stage: int, dp_rank: int) -> tuple[str, ...]:
+    """:func:`rank_files` from a context already computed."""
     from lightning_reshape.checkpoint.formats import pipeline
 
-    t = target
+    t = ctx.target
     if not (0 <= tp_rank < t.tp and 0 <= pp_stage < t.pp and 0 <= dp_rank < t.dp):
         raise LayoutError(f"rank (tp={tp_rank}, pp={pp_stage}, dp={dp_rank}) is outside target {t}")
-    ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
     mp = pp_stage * t.tp + tp_rank
     optim = f"{ctx.prefix}zero_pp_rank_{dp_rank}_mp_rank_{mp:02d}_optim_states.pt"
     if t.zero_stage == 0:

@@ -144,14 +144,18 @@ def test_tp_1_to_2_cuts_rows_and_columns() -> None:
         assert fill.shape == (8,)  # w: 4 local elements, v: 4 local elements
         assert fill.copies == (
             Copy(src, FP32, 4 * mp, 0, 4, "float32"),  # rows 2mp, 2mp + 1 of w
-            Copy(src, FP32, 8 + 2 * mp, 4, 2, "float32"),  # v[0, 2mp:2mp + 2]
-            Copy(src, FP32, 12 + 2 * mp, 6, 2, "float32"),  # v[1, 2mp:2mp + 2]
+            # v[0, 2mp:2mp + 2] and v[1, 2mp:2mp + 2]: one strided copy of 2 rows
+            Copy(src, FP32, 8 + 2 * mp, 4, 2, "float32", rows=2, src_stride=4, dst_stride=2),
         )
+        assert [r for c in fill.copies for r in c.runs()] == [
+            (4 * mp, 0, 4),
+            (8 + 2 * mp, 4, 2),
+            (12 + 2 * mp, 6, 2),
+        ]
     model1 = plan.file("mp_rank_01_model_states.pt")
     assert _fill(plan, model1.name, ("module", "w")).shape == (2, 2)
     assert _fill(plan, model1.name, ("module", "v")).copies == (
-        Copy(MODEL, ("module", "v"), 2, 0, 2, "float32"),
-        Copy(MODEL, ("module", "v"), 6, 2, 2, "float32"),
+        Copy(MODEL, ("module", "v"), 2, 0, 2, "float32", rows=2, src_stride=4, dst_stride=2),
     )
     assert plan.sidecar is not None and plan.sidecar.tp == 2
     assert plan.sidecar.tp_splits == {"w": TPSplit(0), "v": TPSplit(1)}
