@@ -62,28 +62,33 @@ LAYER_RE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 EXPERT_RE = re.compile(r"^(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt$|^expp_rank_")
 TAG_HINT = re.compile(r"^global_step(\d+)$")
 
+# The keys every DeepSpeed 0.19 model-states file starts with, in its order (the engine's
+# ``_common_checkpoint_state``; a pipeline engine's save holds exactly these).
+DS_COMMON_KEYS = (
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "checkpoint_parallel_dimensions",
+    "ds_config",
+    "ds_version",
+)
 # Keys DeepSpeed itself writes into the model-states file; everything else is client state.
 DS_MODEL_KEYS = frozenset(
     {
-        "module",
-        "buffer_names",
-        "optimizer",
-        "param_shapes",
-        "frozen_param_shapes",
-        "shared_params",
-        "frozen_param_fragments",
-        "lr_scheduler",
-        "data_sampler",
-        "random_ltd",
+        *DS_COMMON_KEYS,
         "sparse_tensor_module_names",
-        "skipped_steps",
-        "global_steps",
-        "global_samples",
-        "dp_world_size",
-        "mp_world_size",
-        "checkpoint_parallel_dimensions",
-        "ds_config",
-        "ds_version",
         "num_experts",
         "ds_autoep_layers",
         "universal_checkpoint_info",
