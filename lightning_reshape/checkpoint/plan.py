@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lightning_reshape.checkpoint.entry_checks import check_file_names, check_rank
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
@@ -762,6 +763,7 @@ def build_plan(
     """
     from lightning_reshape.checkpoint.formats import zero0, zero3, zero12
 
+    files = check_file_names(files, "build_plan")
     ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
     sel = _Selection(ctx, files)
     writer = {0: zero0.plan_files, 1: zero12.plan_files, 2: zero12.plan_files}.get(
@@ -818,6 +820,7 @@ def rank_files(
     share alone."""
     from lightning_reshape.checkpoint.formats import pipeline
 
+    tp_rank, pp_stage, dp_rank = check_rank((tp_rank, pp_stage, dp_rank), "rank_files")
     t = target
     if not (0 <= tp_rank < t.tp and 0 <= pp_stage < t.pp and 0 <= dp_rank < t.dp):
         raise LayoutError(f"rank (tp={tp_rank}, pp={pp_stage}, dp={dp_rank}) is outside target {t}")
