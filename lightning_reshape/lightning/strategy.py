@@ -562,6 +562,10 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         saved = read_saved_topology(checkpoint_path, trust_checkpoint=policy.trust_checkpoint)
         current = self.current_topology()
         if _same(saved, current):
+            rank_zero_info(
+                f"lightning-reshape: layout unchanged ({current.describe()}, ZeRO "
+                f"{current.zero_stage}): DeepSpeed loads {checkpoint_path} as saved"
+            )
             client_state = super().load_checkpoint(checkpoint_path, weights_only)
             self.last_resume = ResumeReport(
                 checkpoint_path, saved, current, False, time.perf_counter() - start, checkpoint_path

@@ -256,6 +256,10 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
         "seconds": same["resume"]["seconds"],
     }
     assert snapshot(same_ck) == same_before
+    assert (  # one line from our strategy, so a user sees the resume was looked at
+        f"lightning-reshape: layout unchanged (tp=2 pp=1 dp=1, ZeRO 1): DeepSpeed loads "
+        f"{same_ck} as saved"
+    ) in (tmp_path / "same.log").read_text()
     assert_continues(same, ref, exact=True)
 
     rc, log = out["bare"]
