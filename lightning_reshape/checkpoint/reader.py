@@ -1257,6 +1257,8 @@ def _finish(
         if not known:
             split = _prove_replicated(b, name)
         splits[name] = split
+    if sidecar is not None:
+        _check_declared_splits(b, sidecar, topo.tp)
     out = []
     for key in b.order:
         name, role, state_key = key
@@ -1295,6 +1297,42 @@ def _finish(
 
 
 _Key = tuple[str, str, "str | None"]
+
+
+def _check_declared_splits(b: _Builder, sidecar: Sidecar, tp: int) -> None:
+    """Each sidecar split against what the files confirm: the tp shards of a split tensor are
+    the full shape cut evenly along the declared dim (so all equal), that dim exists, and it
+    holds ``stride`` whole chunks per shard. Why: a hand-edited sidecar with another dim or
+    stride otherwise fails inside torch's load (size mismatch) or loads scrambled weights.
+    A split our rules override is not the sidecar's to answer for."""
+    seen: set[str] = set()
+    for key in b.order:
+        name = key[0]
+        split = sidecar.tp_splits.get(name)
+        if name in seen or split is None or any(re.search(r.pattern, name) for r in b.rules):
+            continue
+        seen.add(name)
+        by_rank = b.local_shapes[key]
+        shapes = [by_rank[r] for r in sorted(by_rank)]
+        full = list(shapes[0])
+        why = None
+        if split.dim >= len(full):
+            why = f"they have no dim {split.dim}"
+        elif tp > 1 and len(set(shapes)) > 1:
+            why = "an even tensor-parallel split gives every tp rank the same shape"
+        elif full[split.dim] % split.stride:
+            why = f"dim {split.dim} ({full[split.dim]}) does not hold {split.stride} whole chunks"
+        if why is None:
+            continue
+        what = "tp shards" if tp > 1 and len(shapes) > 1 else "saved tensor (tp=1)"
+        raise CheckpointError(
+            f"{os.path.join(b.tag_dir, SIDECAR_NAME)}: tp_splits[{name!r}] declares "
+            f"dim={split.dim} stride={split.stride}, but the {what} of {name!r} have shapes "
+            f"{sorted({tuple(x) for x in shapes})}: {why}. The sidecar does not describe these "
+            f"files: correct or remove that entry (or delete the sidecar to fall back to "
+            f"DeepSpeed's own metadata), or pass TPRule({name!r}, TPSplit(dim=...)) "
+            "(CLI: --tp-rule)"
+        )
 
 
 def _local_bytes(b: _Builder, key: _Key, rank: int, lo: int, hi: int) -> bytes:
