@@ -74,6 +74,7 @@ from lightning_reshape.checkpoint.plan import (
     plan_from_context,
     rank_file_names,
 )
+from lightning_reshape.checkpoint.reader import DS_CARRIED_KEYS, DS_COMMON_KEYS
 from lightning_reshape.checkpoint.sidecar import TPSplit
 
 PAGE = 4096
@@ -183,37 +184,9 @@ def ds_config(micro_batch: int = 1, grad_accum: int = 1) -> dict[str, Any]:
 
 
 # top-level keys DeepSpeed 0.19.8's pipeline engine writes into mp_rank_XX_model_states.pt (seen
-# in real saves), then the client state
-MODEL_KEYS = (
-    "module",
-    "buffer_names",
-    "optimizer",
-    "param_shapes",
-    "frozen_param_shapes",
-    "shared_params",
-    "frozen_param_fragments",
-    "lr_scheduler",
-    "data_sampler",
-    "random_ltd",
-    "skipped_steps",
-    "global_steps",
-    "global_samples",
-    "dp_world_size",
-    "mp_world_size",
-    "checkpoint_parallel_dimensions",
-    "ds_config",
-    "ds_version",
-)
-CARRIED_MODEL_KEYS = (  # reader.DS_CARRIED_KEYS present in such a file, in that order
-    "lr_scheduler",
-    "data_sampler",
-    "random_ltd",
-    "skipped_steps",
-    "global_steps",
-    "global_samples",
-    "ds_config",
-    "ds_version",
-)
+# in real saves), then the client state; and those of them a reshape carries over, in that order
+MODEL_KEYS = DS_COMMON_KEYS
+CARRIED_MODEL_KEYS = tuple(k for k in DS_CARRIED_KEYS if k in MODEL_KEYS)
 # BF16_Optimizer.state_dict() keys, in order
 OPTIM_TOP_KEYS = (
     "clip_grad",

@@ -13,11 +13,14 @@ and prints the losses after the resume next to the reference's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 TRAIN = Path(__file__).with_name("train.py")
@@ -42,16 +45,43 @@ def run(workdir: Path, name: str, overrides: list[str]) -> dict:
     return json.loads(summary.read_text())
 
 
+@contextlib.contextmanager
+def workdir_for(given: Path | None) -> Iterator[Path]:
+    """The folder the demo works in: ``given`` (created if needed, always kept), or a new
+    temporary folder that is removed when the demo succeeds and kept, its path printed, when
+    it fails, so its logs can be read."""
+    if given is not None:
+        given.mkdir(parents=True, exist_ok=True)
+        yield given
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="lightning-reshape-demo-"))
+    try:
+        yield tmp
+    except BaseException:
+        print(f"kept the demo's folder for its logs: {tmp}", file=sys.stderr)
+        raise
+    shutil.rmtree(tmp)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="kept afterwards (default: a temporary folder, removed when the demo succeeds)",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--first", default="tp2", help="parallel preset to train at")
     parser.add_argument("--then", default="dp_only", help="parallel preset to resume at")
     parser.add_argument("--tolerance", type=float, default=1e-4)
     args = parser.parse_args()
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lightning-reshape-demo-"))
-    workdir.mkdir(parents=True, exist_ok=True)
+    with workdir_for(args.workdir) as workdir:
+        demo(workdir, args)
+
+
+def demo(workdir: Path, args: argparse.Namespace) -> None:
+    """Train, resume at the other layout, train the reference; exit 1 on a loss mismatch."""
     ckpt = workdir / f"{args.first}.ckpt"
     n = args.steps
 
@@ -78,7 +108,8 @@ def main() -> None:
         f"(tolerance {args.tolerance:g}: fp32 sums in another order across tp/dp): "
         f"{'loss carried on' if ok else 'MISMATCH'}"
     )
-    raise SystemExit(0 if ok else 1)
+    if not ok:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

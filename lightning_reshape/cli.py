@@ -305,7 +305,7 @@ def _check_degrees(args: argparse.Namespace, rules: Sequence[object]) -> None:
 
 def _run_convert(args: argparse.Namespace) -> int:
     from lightning_reshape.checkpoint.convert import convert_checkpoint, plan_conversion
-    from lightning_reshape.checkpoint.plan import format_plan
+    from lightning_reshape.checkpoint.plan import Target, format_plan
 
     rules = _tp_rules(args.tp_rule)
     _check_degrees(args, rules)
@@ -322,6 +322,7 @@ def _run_convert(args: argparse.Namespace) -> int:
         )
         print(format_plan(plan))
         return 0
+    done: list[tuple[Target, bool]] = []
     out = convert_checkpoint(
         args.src,
         args.dst,
@@ -336,8 +337,14 @@ def _run_convert(args: argparse.Namespace) -> int:
         tp_rules=rules,  # type: ignore[arg-type]
         pp_partition=args.pp_partition,
         check_crc=not args.no_crc_check,
+        on_done=lambda plan, reused: done.append((plan.target, reused)),
     )
-    print(f"wrote {out}")
+    target, reused = done[0]
+    layout = f"tp={target.tp} pp={target.pp} dp={target.dp}, ZeRO stage {target.zero_stage}"
+    if reused:
+        print(f"reused {out} (already complete; {layout})")
+    else:
+        print(f"wrote {out} ({layout})")
     return 0
 
 

@@ -14,7 +14,9 @@ import shutil
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypedDict, Unpack
 
+from lightning_reshape.checkpoint.entry_checks import check_rank
 from lightning_reshape.checkpoint.execute import (
     check_output,
     check_tag,
@@ -44,6 +46,7 @@ __all__ = [
     "copy_recovery_script",
     "plan_conversion",
     "plan_rank_load",
+    "LayoutRequest",
     "execute_plan",
     "prepare_output",
     "finalize_output",
@@ -56,19 +59,42 @@ __all__ = [
 RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
 
 
+class LayoutRequest(TypedDict, total=False):
+    """The target layout and how to read the source, as keyword arguments of
+    :func:`plan_conversion` and :func:`plan_rank_load`.
+
+    ``tp``, ``pp``, ``dp``, ``zero_stage``: the target's; an axis or stage left out (or None)
+    keeps the source's. ``source_tag``: the source's tag folder (default: its ``latest``).
+    ``trust``: load pickles outside the allow-list. ``tp_rules``: tensor-parallel splits that
+    override the sidecar. ``pp_partition``: the target PipelineModule's ``partition_method``.
+    """
+
+    tp: int | None
+    pp: int | None
+    dp: int | None
+    zero_stage: int | None
+    source_tag: str | None
+    trust: bool
+    tp_rules: Sequence[TPRule] | None
+    pp_partition: str
+
+
 def _source_and_target(
     src: str | os.PathLike[str],
-    tp: int | None,
-    pp: int | None,
-    dp: int | None,
-    zero_stage: int | None,
-    source_tag: str | None,
-    trust: bool,
-    tp_rules: Sequence[TPRule],
-    pp_partition: str,
-) -> tuple[Manifest, Target]:
-    """``src``'s manifest (metadata only) and the target; None axes keep the source's."""
-    manifest = read_manifest(src, tag=source_tag, trust_checkpoint=trust, tp_rules=tp_rules)
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    dp: int | None = None,
+    zero_stage: int | None = None,
+    source_tag: str | None = None,
+    trust: bool = False,
+    tp_rules: Sequence[TPRule] | None = None,
+    pp_partition: str = "parameters",
+) -> tuple[Manifest, Target, tuple[TPRule, ...]]:
+    """``src``'s manifest (metadata only), the target and the tp rules; None axes keep the
+    source's."""
+    rules = tuple(tp_rules or ())
+    manifest = read_manifest(src, tag=source_tag, trust_checkpoint=trust, tp_rules=rules)
     refuse_elastic(manifest)
     read_source_meta(manifest)  # carried by the manifest: planning does no IO
     src_topo = manifest.topology
@@ -79,53 +105,25 @@ def _source_and_target(
         src_topo.zero_stage if zero_stage is None else zero_stage,
         pp_partition,
     )
-    return manifest, target
+    return manifest, target, rules
 
 
-def plan_conversion(
-    src: str | os.PathLike[str],
-    *,
-    tp: int | None = None,
-    pp: int | None = None,
-    dp: int | None = None,
-    zero_stage: int | None = None,
-    source_tag: str | None = None,
-    trust: bool = False,
-    tp_rules: Sequence[TPRule] | None = None,
-    pp_partition: str = "parameters",
-) -> Plan:
-    """Read ``src``'s metadata and plan the reshape (no data is read or written).
-
-    An axis or stage left as None keeps the source's degree.
-    """
-    rules = tuple(tp_rules or ())
-    manifest, target = _source_and_target(
-        src, tp, pp, dp, zero_stage, source_tag, trust, rules, pp_partition
-    )
+def plan_conversion(src: str | os.PathLike[str], **request: Unpack[LayoutRequest]) -> Plan:
+    """Read ``src``'s metadata and plan the reshape to ``request`` (:class:`LayoutRequest`; no
+    data is read or written)."""
+    manifest, target, rules = _source_and_target(src, **request)
     return build_plan(manifest, None, target, tp_rules=rules)
 
 
 def plan_rank_load(
-    src: str | os.PathLike[str],
-    rank: tuple[int, int, int],
-    *,
-    tp: int | None = None,
-    pp: int | None = None,
-    dp: int | None = None,
-    zero_stage: int | None = None,
-    source_tag: str | None = None,
-    trust: bool = False,
-    tp_rules: Sequence[TPRule] | None = None,
-    pp_partition: str = "parameters",
+    src: str | os.PathLike[str], rank: tuple[int, int, int], **request: Unpack[LayoutRequest]
 ) -> tuple[Plan, Callable[[str], Plan]]:
     """One target rank's direct load: the plan of the files its engine loads (``rank`` =
     (tp rank, pp stage, dp rank), :func:`rank_files`), so its planning does not grow with the
     world size, and a planner of any other target file by name, for a file DeepSpeed asks for
     that ``rank_files`` did not predict (a pipeline engine without an mpu reads mp_rank_00)."""
-    rules = tuple(tp_rules or ())
-    manifest, target = _source_and_target(
-        src, tp, pp, dp, zero_stage, source_tag, trust, rules, pp_partition
-    )
+    rank = check_rank(rank, "plan_rank_load")  # before any IO
+    manifest, target, rules = _source_and_target(src, **request)
     ctx = plan_context(manifest, read_source_meta(manifest), target, rules)  # computed once
     own = rank_file_names(ctx, *rank)
 
@@ -150,6 +148,7 @@ def convert_checkpoint(
     tp_rules: Sequence[TPRule] | None = None,
     pp_partition: str = "parameters",
     check_crc: bool = True,
+    on_done: Callable[[Plan, bool], object] | None = None,
 ) -> Path:
     """Write ``src`` reshaped to (tp, pp, dp, zero_stage) as an engine save dir at ``dst``.
 
@@ -160,7 +159,8 @@ def convert_checkpoint(
     ``dst/latest`` points at it (unless ``dst`` is the source's own save dir, possible when
     ``src`` names the tag folder, whose ``latest`` is left alone). Returns the tag folder.
     ``check_crc=False`` skips the CRC-32 check of the source's tensor records (the output's
-    CRC-32s are written either way).
+    CRC-32s are written either way). ``on_done(plan, reused)`` is called at the end, ``reused``
+    True when a complete output of the same plan was already there (nothing was written).
 
     Refused (CheckpointError, before anything is written): a destination that is an existing
     file or lies under one, and a destination inside the source tree (the path given as ``src``
@@ -184,7 +184,8 @@ def convert_checkpoint(
     with output_errors(dst):  # first: a full disk is reported before the reshape, not after
         Path(dst).mkdir(parents=True, exist_ok=True)
         copy_recovery_script(dst)
-    return write_plan(
+    reused: list[bool] = []
+    out = write_plan(
         plan,
         dst,
         out_tag,
@@ -192,7 +193,11 @@ def convert_checkpoint(
         progress=progress,
         latest=latest,
         check_crc=check_crc,
+        on_reuse=lambda: reused.append(True),
     )
+    if on_done is not None:
+        on_done(plan, bool(reused))
+    return out
 
 
 def check_destination(

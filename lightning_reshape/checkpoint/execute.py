@@ -1077,11 +1077,13 @@ def write_plan(
     progress: bool = False,
     latest: bool = True,
     check_crc: bool = True,
+    on_reuse: Callable[[], object] | None = None,
 ) -> Path:
     """The whole protocol in one process: lock, prepare, execute every file, finalize.
 
-    A concurrent writer of the same output waits for the lock and then reuses the output; an
-    error while writing removes the partial folder."""
+    A concurrent writer of the same output waits for the lock and then reuses the output
+    (``on_reuse`` is called then, so a caller can say nothing was written); an error while
+    writing removes the partial folder."""
     check_tag(tag)
     dst = Path(dst)
     lock = lock_output(dst, tag)
@@ -1089,6 +1091,8 @@ def write_plan(
         part, complete = prepare_output(plan, dst, tag, workers=workers)
         if complete:
             log.info("%s: complete output of the same plan found, checked, reused", part)
+            if on_reuse is not None:
+                on_reuse()
             if latest:
                 with output_errors(dst / "latest"):
                     _write_latest(dst, tag)

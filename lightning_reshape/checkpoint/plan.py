@@ -35,6 +35,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from lightning_reshape.checkpoint.entry_checks import check_file_names, check_rank
 from lightning_reshape.checkpoint.manifest import (
     ROLE_BUFFER,
     ROLE_FP32,
@@ -865,6 +866,7 @@ def build_plan(
     a name the target does not have is not in the plan.
     Raises LayoutError/CheckpointError (nothing written) for a target that cannot be reached.
     """
+    files = check_file_names(files, "build_plan")
     ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
     return plan_from_context(ctx, files)
 
@@ -874,6 +876,7 @@ def plan_from_context(ctx: PlanContext, files: Iterable[str] | None = None) -> P
     names its files (:func:`rank_file_names`) and plans them computes the context once."""
     from lightning_reshape.checkpoint.formats import zero0, zero3, zero12
 
+    files = check_file_names(files, "plan_from_context")
     manifest, target = ctx.manifest, ctx.target
     sel = _Selection(ctx, files)
     writer = {0: zero0.plan_files, 1: zero12.plan_files, 2: zero12.plan_files}.get(
@@ -928,6 +931,7 @@ def rank_files(
     optimizer file (``bf16_`` prefixed when bf16 is enabled; none at ZeRO 0) and, in a pipeline,
     its stage's layer files. Pure: ``build_plan(..., files=rank_files(...))`` plans that rank's
     share alone (:func:`rank_file_names` and :func:`plan_from_context` share one context)."""
+    tp_rank, pp_stage, dp_rank = check_rank((tp_rank, pp_stage, dp_rank), "rank_files")
     ctx = plan_context(manifest, meta or read_source_meta(manifest), target, tp_rules)
     return rank_file_names(ctx, tp_rank, pp_stage, dp_rank)
 
@@ -936,6 +940,7 @@ def rank_file_names(ctx: PlanContext, tp_rank: int, pp_stage: int, dp_rank: int)
     """:func:`rank_files` from a context already computed."""
     from lightning_reshape.checkpoint.formats import pipeline
 
+    tp_rank, pp_stage, dp_rank = check_rank((tp_rank, pp_stage, dp_rank), "rank_file_names")
     t = ctx.target
     if not (0 <= tp_rank < t.tp and 0 <= pp_stage < t.pp and 0 <= dp_rank < t.dp):
         raise LayoutError(f"rank (tp={tp_rank}, pp={pp_stage}, dp={dp_rank}) is outside target {t}")

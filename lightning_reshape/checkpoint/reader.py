@@ -62,28 +62,33 @@ LAYER_RE = re.compile(r"^layer_(\d+)(?:-model_(\d+))?-model_states\.pt$")
 EXPERT_RE = re.compile(r"^(layer_\d+_)?expert_\d+_mp_rank_\d+_model_states\.pt$|^expp_rank_")
 TAG_HINT = re.compile(r"^global_step(\d+)$")
 
+# The keys every DeepSpeed 0.19 model-states file starts with, in its order (the engine's
+# ``_common_checkpoint_state``; a pipeline engine's save holds exactly these).
+DS_COMMON_KEYS = (
+    "module",
+    "buffer_names",
+    "optimizer",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "lr_scheduler",
+    "data_sampler",
+    "random_ltd",
+    "skipped_steps",
+    "global_steps",
+    "global_samples",
+    "dp_world_size",
+    "mp_world_size",
+    "checkpoint_parallel_dimensions",
+    "ds_config",
+    "ds_version",
+)
 # Keys DeepSpeed itself writes into the model-states file; everything else is client state.
 DS_MODEL_KEYS = frozenset(
     {
-        "module",
-        "buffer_names",
-        "optimizer",
-        "param_shapes",
-        "frozen_param_shapes",
-        "shared_params",
-        "frozen_param_fragments",
-        "lr_scheduler",
-        "data_sampler",
-        "random_ltd",
+        *DS_COMMON_KEYS,
         "sparse_tensor_module_names",
-        "skipped_steps",
-        "global_steps",
-        "global_samples",
-        "dp_world_size",
-        "mp_world_size",
-        "checkpoint_parallel_dimensions",
-        "ds_config",
-        "ds_version",
         "num_experts",
         "ds_autoep_layers",
         "universal_checkpoint_info",
@@ -1252,6 +1257,8 @@ def _finish(
         if not known:
             split = _prove_replicated(b, name)
         splits[name] = split
+    if sidecar is not None:
+        _check_declared_splits(b, sidecar, topo.tp)
     out = []
     for key in b.order:
         name, role, state_key = key
@@ -1290,6 +1297,42 @@ def _finish(
 
 
 _Key = tuple[str, str, "str | None"]
+
+
+def _check_declared_splits(b: _Builder, sidecar: Sidecar, tp: int) -> None:
+    """Each sidecar split against what the files confirm: the tp shards of a split tensor are
+    the full shape cut evenly along the declared dim (so all equal), that dim exists, and it
+    holds ``stride`` whole chunks per shard. Why: a hand-edited sidecar with another dim or
+    stride otherwise fails inside torch's load (size mismatch) or loads scrambled weights.
+    A split our rules override is not the sidecar's to answer for."""
+    seen: set[str] = set()
+    for key in b.order:
+        name = key[0]
+        split = sidecar.tp_splits.get(name)
+        if name in seen or split is None or any(re.search(r.pattern, name) for r in b.rules):
+            continue
+        seen.add(name)
+        by_rank = b.local_shapes[key]
+        shapes = [by_rank[r] for r in sorted(by_rank)]
+        full = list(shapes[0])
+        why = None
+        if split.dim >= len(full):
+            why = f"they have no dim {split.dim}"
+        elif tp > 1 and len(set(shapes)) > 1:
+            why = "an even tensor-parallel split gives every tp rank the same shape"
+        elif full[split.dim] % split.stride:
+            why = f"dim {split.dim} ({full[split.dim]}) does not hold {split.stride} whole chunks"
+        if why is None:
+            continue
+        what = "tp shards" if tp > 1 and len(shapes) > 1 else "saved tensor (tp=1)"
+        raise CheckpointError(
+            f"{os.path.join(b.tag_dir, SIDECAR_NAME)}: tp_splits[{name!r}] declares "
+            f"dim={split.dim} stride={split.stride}, but the {what} of {name!r} have shapes "
+            f"{sorted({tuple(x) for x in shapes})}: {why}. The sidecar does not describe these "
+            f"files: correct or remove that entry (or delete the sidecar to fall back to "
+            f"DeepSpeed's own metadata), or pass TPRule({name!r}, TPSplit(dim=...)) "
+            "(CLI: --tp-rule)"
+        )
 
 
 def _local_bytes(b: _Builder, key: _Key, rank: int, lo: int, hi: int) -> bytes:

@@ -562,6 +562,10 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         saved = read_saved_topology(checkpoint_path, trust_checkpoint=policy.trust_checkpoint)
         current = self.current_topology()
         if _same(saved, current):
+            rank_zero_info(
+                f"lightning-reshape: layout unchanged ({current.describe()}, ZeRO "
+                f"{current.zero_stage}): DeepSpeed loads {checkpoint_path} as saved"
+            )
             client_state = super().load_checkpoint(checkpoint_path, weights_only)
             self.last_resume = ResumeReport(
                 checkpoint_path, saved, current, False, time.perf_counter() - start, checkpoint_path
@@ -628,10 +632,28 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         from lightning_reshape.checkpoint import convert
 
         return self._on_all(
-            lambda: convert.plan_conversion(source, **self._plan_args(current, policy)),
+            lambda: self._checked(
+                convert.plan_conversion(source, **self._plan_args(current, policy))
+            ),
             source,
             current,
         )
+
+    def _checked(self, plan: Any) -> Any:
+        """``plan`` once this rank's planned parameter shapes are the model's own: a wrong
+        tensor-parallel split (a hand-edited sidecar) is refused by name before anything is
+        loaded or written, not met as torch's size mismatch inside DeepSpeed's load."""
+        from lightning_reshape.checkpoint.target_shapes import check_target_shapes
+
+        rank = self._rank_coordinates()
+        if rank is not None and self.layout is not None:
+            tp_rank, pp_stage, _ = rank
+            shapes = {
+                name: tuple(getattr(p, "ds_shape", None) or p.shape)
+                for name, p in self.deepspeed_engine.module.named_parameters()
+            }
+            check_target_shapes(plan, pp_stage * self.layout.tp + tp_rank, shapes)
+        return plan
 
     def _plan_args(self, current: SavedTopology, policy: ReshapePolicy) -> dict[str, Any]:
         return {
@@ -654,7 +676,12 @@ class ReshapeDeepSpeedStrategy(DeepSpeedStrategy):
         args = self._plan_args(current, policy)
         if rank is None:
             return self._plan(source, current, policy), None
-        return self._on_all(lambda: convert.plan_rank_load(source, rank, **args), source, current)
+
+        def plan() -> tuple[Any, Any]:
+            own, plan_file = convert.plan_rank_load(source, rank, **args)
+            return self._checked(own), plan_file
+
+        return self._on_all(plan, source, current)
 
     def _rank_coordinates(self) -> tuple[int, int, int] | None:
         """(tp rank, pp stage, dp rank) of this rank, as DeepSpeed names its files; None when

@@ -10,6 +10,7 @@ import pytest
 
 from tests.checkpoint.ds_workers import RunSpec, combo_worker
 from tests.deepspeed_harness import run_distributed
+from tests.reshape.workers import Spec, train_worker
 
 ZERO_SPECS = {
     1: [
@@ -111,3 +112,12 @@ def user_ckpts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("user_ckpts")
     run_distributed(combo_worker, 2, str(out), USER_SPECS, [], [], timeout=400)
     return out
+
+
+@pytest.fixture(scope="session")
+def zero1_dp2_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stock DeepSpeed ZeRO-1 (AdamW) checkpoint saved by 2 data-parallel ranks (one launch,
+    shared by the output tests, which only read it and check that it stays unchanged)."""
+    root = tmp_path_factory.mktemp("zero1_dp2")
+    run_distributed(train_worker, 2, str(root), [Spec("z1", 1, "adamw")], 0, timeout=300)
+    return root / "z1"

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
+import struct
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from lightning_reshape.checkpoint.execute import COMPLETE_MARKER
 
 TP_DIMS = {"col.weight": 0, "col.bias": 0, "row.weight": 1}
 
@@ -64,3 +69,30 @@ def copy_save(src: Path, dst: Path) -> Path:
     """Copy a save directory (without the expected_*.pt oracles) to mutate it in a test."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("expected_*.pt"))
     return dst
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root`` (lock files and the completion record, which
+    holds host-specific paths, left out)."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.name.endswith(".lock") and p.name != COMPLETE_MARKER:
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def flip_tensor_byte(path: Path) -> int:
+    """Flip an exponent bit of one fp32 value in the middle of the largest tensor record of a
+    torch zip file (a silent, large change of one number); returns the byte offset."""
+    with zipfile.ZipFile(path) as zf:
+        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    with open(path, "r+b") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        start = info.header_offset + 30 + name_len + extra_len
+        at = start + (info.file_size // 2) // 4 * 4 + 3  # little-endian: sign and exponent
+        fh.seek(at)
+        byte = fh.read(1)[0]
+        fh.seek(at)
+        fh.write(bytes([byte ^ 0x40]))
+    return at

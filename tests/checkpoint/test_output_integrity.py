@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import json
 import os
 import resource
-import struct
 import subprocess
 import sys
 import time
-import zipfile
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,20 +32,15 @@ from lightning_reshape.checkpoint.execute import COMPLETE_MARKER
 from lightning_reshape.checkpoint.verify import verify
 from lightning_reshape.cli import main
 from lightning_reshape.errors import CheckpointError
-from tests.checkpoint.helpers import snapshot
-from tests.deepspeed_harness import run_distributed
-from tests.reshape.workers import Spec, train_worker
+from tests.checkpoint.helpers import file_hashes, flip_tensor_byte, snapshot
 
 ROOT = Path(__file__).resolve().parents[2]
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # the dp-1 output's optimizer shard
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stock DeepSpeed ZeRO-1 (AdamW) checkpoint saved by 2 data-parallel ranks."""
-    root = tmp_path_factory.mktemp("integrity")
-    run_distributed(train_worker, 2, str(root), [Spec("z1", 1, "adamw")], 0, timeout=300)
-    return root / "z1"
+def src(zero1_dp2_src: Path) -> Path:
+    return zero1_dp2_src
 
 
 @pytest.fixture(scope="module")
@@ -56,33 +48,7 @@ def reference(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     """Hashes of a correct dp-1 output, written once."""
     dst = tmp_path_factory.mktemp("reference")
     assert main(["convert", str(src), str(dst), "--tp", "1", "--dp", "1", "--quiet"]) == 0
-    return _hashes(dst)
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    """Every file's sha256 (lock files and the record's host-specific paths excluded)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.endswith(".lock") and p.name != COMPLETE_MARKER:
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
-def flip_tensor_byte(path: Path) -> int:
-    """Flip an exponent bit of one fp32 value in the middle of the largest tensor record of a
-    torch zip file (a silent, large change of one number); returns the byte offset."""
-    with zipfile.ZipFile(path) as zf:
-        info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    with open(path, "r+b") as fh:
-        fh.seek(info.header_offset + 26)
-        name_len, extra_len = struct.unpack("<HH", fh.read(4))
-        start = info.header_offset + 30 + name_len + extra_len
-        at = start + (info.file_size // 2) // 4 * 4 + 3  # little-endian: sign and exponent
-        fh.seek(at)
-        byte = fh.read(1)[0]
-        fh.seek(at)
-        fh.write(bytes([byte ^ 0x40]))
-    return at
+    return file_hashes(dst)
 
 
 def _convert(src: Path, dst: Path, *extra: str) -> list[str]:
@@ -206,7 +172,7 @@ def test_damaged_output_is_redone(
     warned = "\n".join(r.getMessage() for r in caplog.records)
     assert f"{OPTIM}: " in warned and "writing 1 file(s) again" in warned, warned
     assert model.stat().st_mtime_ns == model_mtime  # the good file was kept
-    assert _hashes(dst) == reference
+    assert file_hashes(dst) == reference
     assert verify(src, dst) == []
     _no_partial(dst)
     caplog.clear()  # a third run finds it intact and says nothing
@@ -260,13 +226,32 @@ def test_concurrent_converts_one_winner(
             for _ in range(4)
         ]
         deadline = time.monotonic() + 240
+        said = []
         for proc in procs:
             out, err = proc.communicate(timeout=max(1, deadline - time.monotonic()))
             assert proc.returncode == 0, (trial, err)
-            assert "Traceback" not in err and out.startswith("wrote "), (trial, out, err)
-        assert _hashes(dst) == reference, trial
+            assert "Traceback" not in err, (trial, out, err)
+            said.append(out.split(" ", 1)[0])
+        assert sorted(said) == ["reused", "reused", "reused", "wrote"], trial  # one writer
+        assert file_hashes(dst) == reference, trial
         assert verify(src, dst) == []
         _no_partial(dst)
+
+
+def test_cli_says_written_or_reused_and_the_layout(
+    src: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``convert`` states the target layout, and says "reused" (not "wrote") when a complete
+    output of the same plan was already there and nothing was written."""
+    dst = tmp_path / "out"
+    tag_dir = dst / (src / "latest").read_text().strip()
+    layout = "tp=1 pp=1 dp=1, ZeRO stage 1"
+    assert main(_convert(src, dst)) == 0
+    assert capsys.readouterr().out == f"wrote {tag_dir} ({layout})\n"
+    before = {p: p.stat().st_mtime_ns for p in tag_dir.iterdir()}
+    assert main(_convert(src, dst)) == 0
+    assert capsys.readouterr().out == f"reused {tag_dir} (already complete; {layout})\n"
+    assert {p: p.stat().st_mtime_ns for p in tag_dir.iterdir()} == before
 
 
 def test_lock_of_a_killed_writer_is_not_stale(
@@ -293,7 +278,7 @@ def test_lock_of_a_killed_writer_is_not_stale(
     proc = _run_cli(_convert(src, dst))
     assert proc.returncode == 0 and "waiting" not in proc.stderr, proc.stderr
     assert time.monotonic() - t0 < 60
-    assert _hashes(dst) == reference
+    assert file_hashes(dst) == reference
     _no_partial(dst)
 
 

@@ -13,7 +13,6 @@ launch for the module).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,27 +32,22 @@ from lightning_reshape.checkpoint.execute import (
     prepare_output,
 )
 from lightning_reshape.errors import CheckpointError
-from tests.checkpoint.test_output_integrity import flip_tensor_byte
-from tests.deepspeed_harness import run_distributed
-from tests.reshape.workers import Spec, train_worker
+from tests.checkpoint.helpers import file_hashes, flip_tensor_byte
 
 OPTIM = "zero_pp_rank_0_mp_rank_00_optim_states.pt"  # the dp-1 output's optimizer shard
 MODEL = "mp_rank_00_model_states.pt"
 
 
 @pytest.fixture(scope="module")
-def src(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A stock DeepSpeed ZeRO-1 (AdamW) checkpoint saved by 2 data-parallel ranks."""
-    root = tmp_path_factory.mktemp("paths")
-    run_distributed(train_worker, 2, str(root), [Spec("z1", 1, "adamw")], 0, timeout=300)
-    return root / "z1"
+def src(zero1_dp2_src: Path) -> Path:
+    return zero1_dp2_src
 
 
 @pytest.fixture(scope="module")
 def reference(src: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Hashes of a correct dp-1 output's tag folder, written once."""
     dst = tmp_path_factory.mktemp("reference")
-    return _hashes(convert_checkpoint(src, dst, tp=1, dp=1))
+    return file_hashes(convert_checkpoint(src, dst, tp=1, dp=1))
 
 
 @pytest.fixture(autouse=True)
@@ -70,15 +64,6 @@ def _timeout(*_: object) -> None:
     raise TimeoutError("hung (a FIFO opened for reading?)")
 
 
-def _hashes(root: Path) -> dict[str, str]:
-    """sha256 of every regular file under root (lock files and the host-specific record out)."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        if p.is_file() and not p.name.endswith(".lock") and p.name != COMPLETE_MARKER:
-            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
-
-
 def _tag(src: Path) -> str:
     return (src / "latest").read_text().strip()
 
@@ -90,14 +75,14 @@ def _tag(src: Path) -> str:
 def test_tag_must_be_one_folder_name(src: Path, tmp_path: Path, bad: str) -> None:
     absolute = tmp_path / "abs_tag"  # an absolute tag would write outside the destination
     bad = str(absolute) if bad == "ABSOLUTE" else bad
-    before = _hashes(src)
+    before = file_hashes(src)
     dst = tmp_path / "out"
     with pytest.raises(CheckpointError, match="not a plain folder name") as err:
         convert_checkpoint(src, dst, tp=1, dp=1, tag=bad)
     assert repr(bad) in str(err.value)
     assert not dst.exists()  # not even the recovery scripts
     assert not absolute.exists()
-    assert _hashes(src) == before
+    assert file_hashes(src) == before
 
 
 def test_source_latest_with_dotdot_is_refused(src: Path, tmp_path: Path) -> None:
@@ -106,12 +91,12 @@ def test_source_latest_with_dotdot_is_refused(src: Path, tmp_path: Path) -> None
     copy = tmp_path / "z1"
     shutil.copytree(src, copy)
     (copy / "latest").write_text(f"../z1/{_tag(src)}")
-    before = _hashes(copy)
+    before = file_hashes(copy)
     dst = tmp_path / "out" / "deep"
     with pytest.raises(CheckpointError, match="not a plain folder name"):
         convert_checkpoint(copy, dst, tp=1, dp=1)
     assert not dst.exists()
-    assert _hashes(copy) == before
+    assert file_hashes(copy) == before
 
 
 # ------------------------------------------------------------------------------- symlinks
@@ -122,7 +107,7 @@ def test_symlinked_output_folder_is_refused(src: Path, tmp_path: Path, where: st
     copy = tmp_path / "src"
     shutil.copytree(src, copy)
     tag = _tag(copy)
-    before = _hashes(copy)
+    before = file_hashes(copy)
     dst = tmp_path / "out"
     dst.mkdir()
     link = partial_dir(dst, tag) if where == "partial" else dst / tag
@@ -130,7 +115,7 @@ def test_symlinked_output_folder_is_refused(src: Path, tmp_path: Path, where: st
     with pytest.raises(CheckpointError, match="symbolic link") as err:
         convert_checkpoint(copy, dst, tp=1, dp=3)
     assert str(link) in str(err.value)
-    assert _hashes(copy) == before
+    assert file_hashes(copy) == before
     assert link.is_symlink()
 
 
@@ -142,7 +127,7 @@ def test_planted_tmp_links_are_never_followed(
     copy = tmp_path / "src"
     shutil.copytree(src, copy)
     tag = _tag(copy)
-    before = _hashes(copy)
+    before = file_hashes(copy)
     victims = sorted(p for p in (copy / tag).iterdir() if p.is_file())
     dst = tmp_path / "out"
     part = partial_dir(dst, tag)
@@ -153,8 +138,8 @@ def test_planted_tmp_links_are_never_followed(
         (part / f"{name}.tmp").symlink_to(victims[k])
         (part / f".{name}.sum.tmp").symlink_to(victims[-1 - k])
     final = convert_checkpoint(copy, dst, tp=1, dp=1)
-    assert _hashes(copy) == before
-    assert _hashes(final) == reference
+    assert file_hashes(copy) == before
+    assert file_hashes(final) == reference
     assert not (dst / "latest").is_symlink() and (dst / "latest").read_text() == tag
     assert not os.path.lexists(dst / ".latest.tmp")
 
@@ -186,7 +171,7 @@ def test_partial_file_kept_only_when_it_matches_its_sum(
     kept = os.stat(part / MODEL).st_ino
     with caplog.at_level(logging.WARNING):
         final = convert_checkpoint(src, dst, tp=1, dp=1)
-    assert _hashes(final) == reference
+    assert file_hashes(final) == reference
     assert os.stat(final / MODEL).st_ino == kept  # the intact one was kept
     assert any(OPTIM in r.getMessage() and "checksum" in r.getMessage() for r in caplog.records)
 
@@ -202,7 +187,7 @@ def test_partial_non_regular_or_unsummed_file_is_redone(
     else:
         (part / OPTIM).unlink()
         os.mkfifo(part / OPTIM) if kind == "fifo" else (part / OPTIM).mkdir()
-    assert _hashes(convert_checkpoint(src, dst, tp=1, dp=1)) == reference
+    assert file_hashes(convert_checkpoint(src, dst, tp=1, dp=1)) == reference
 
 
 # ------------------------------------------------------------------------------- complete output
@@ -217,7 +202,7 @@ def test_non_regular_file_in_complete_output_is_damage(
     (final / OPTIM).unlink()
     os.mkfifo(final / OPTIM) if kind == "fifo" else (final / OPTIM).mkdir()
     kept = os.stat(final / MODEL).st_ino
-    assert _hashes(convert_checkpoint(src, dst, tp=1, dp=1)) == reference
+    assert file_hashes(convert_checkpoint(src, dst, tp=1, dp=1)) == reference
     assert os.stat(final / MODEL).st_ino == kept  # only the damaged file was redone
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -216,3 +218,45 @@ def test_planning_does_no_io(ckpt_root: dict[int, Path], tmp_path: Path, name: s
     shutil.rmtree(tmp_path / "moved")
     assert read_source_meta(manifest) is meta
     assert build_plan(manifest, meta, target) == full
+
+
+def test_a_lying_sidecar_is_refused_naming_it(ckpt_root: dict[int, Path], tmp_path: Path) -> None:
+    """A hand-edited sidecar giving a tp-split parameter another dim or stride: what the files
+    confirm (the dim exists, every tp shard has the same shape, the dim holds whole stride
+    chunks) is checked when the manifest is read; a wrong dim on equal shards is not in the
+    files, and is refused against the model's own shard shapes before anything is loaded."""
+    from lightning_reshape.checkpoint.convert import plan_conversion
+    from lightning_reshape.checkpoint.target_shapes import check_target_shapes, planned_shapes
+
+    src = copy_save(ckpt_root[2] / "tp_z1", tmp_path / "src")  # tp 2: col (6, 8), row (8, 6)
+    tag = src / (src / "latest").read_text().strip()
+    honest = (tag / SIDECAR_NAME).read_text()
+    truth = planned_shapes(plan_conversion(src, tp=1, dp=1), 0)  # what the model at tp 1 has
+    assert truth["col.weight"] == (12, 8) and truth["row.weight"] == (8, 12)
+    check_target_shapes(plan_conversion(src, tp=1, dp=1), 0, truth)
+
+    def lie(name: str, split: TPSplit) -> None:
+        sidecar = Sidecar.from_json(json.loads(honest), "honest")
+        splits = {**sidecar.tp_splits, name: split}
+        write_sidecar(tag, Sidecar(**{**sidecar.__dict__, "tp_splits": splits}))
+
+    for name, split, why in [
+        ("col.bias", TPSplit(dim=1), "they have no dim 1"),
+        ("col.weight", TPSplit(dim=0, stride=4), r"dim 0 \(6\) does not hold 4 whole chunks"),
+    ]:
+        lie(name, split)
+        with pytest.raises(CheckpointError) as err:
+            read_manifest(src)
+        message = str(err.value)
+        assert message.startswith(f"{tag / SIDECAR_NAME}: tp_splits[{name!r}] declares ")
+        assert f"dim={split.dim} stride={split.stride}" in message
+        assert re.search(why, message) and "correct or remove that entry" in message
+
+    lie("col.weight", TPSplit(dim=1))  # (6, 8) shards read as halves of (6, 16): files agree
+    plan = plan_conversion(src, tp=1, dp=1)
+    with pytest.raises(CheckpointError) as err:
+        check_target_shapes(plan, 0, truth)
+    message = str(err.value)
+    assert message.startswith("col.weight: the checkpoint's tensor-parallel split (dim=1 stride=1")
+    assert "shard of shape (6, 16)" in message and "the model here has (12, 8)" in message
+    assert str(tag / SIDECAR_NAME) in message

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 DEMO = Path(__file__).resolve().parents[2] / "examples" / "resume_demo.py"
@@ -28,6 +31,39 @@ def test_resume_demo_reshapes_and_the_loss_carries_on(tmp_path: Path) -> None:
     assert (ckpt / "checkpoint" / "mp_rank_01_model_states.pt").exists()
     assert "loaded directly in" in out.stdout
     assert not list(ckpt.glob("reshaped-*"))
+
+
+def test_demo_removes_its_temporary_folder_only_when_it_succeeds(tmp_path: Path) -> None:
+    """Without --workdir: a failed demo keeps its folder and prints where (its logs are there);
+    a successful one leaves nothing in the temporary directory."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, str(DEMO), "--first", "no_such_preset", "--steps", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert out.returncode != 0
+    (kept,) = tmp_path.glob("lightning-reshape-demo-*")
+    assert f"kept the demo's folder for its logs: {kept}" in out.stderr
+    assert (kept / "first.log").is_file()
+
+    spec = importlib.util.spec_from_file_location("resume_demo", DEMO)
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    tempfile.tempdir = str(tmp_path / "ok")
+    try:
+        (tmp_path / "ok").mkdir()
+        with demo.workdir_for(None) as work:
+            (work / "first.log").write_text("done")
+        assert not work.exists() and not list((tmp_path / "ok").iterdir())
+        with demo.workdir_for(tmp_path / "given") as work:
+            (work / "first.log").write_text("done")
+        assert (tmp_path / "given" / "first.log").is_file()  # a folder the user named stays
+    finally:
+        tempfile.tempdir = None
 
 
 TRAIN = DEMO.with_name("train.py")

@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning_reshape.checkpoint.convert import plan_conversion, write_plan
-from tests.checkpoint.test_output_integrity import flip_tensor_byte
+from tests.checkpoint.helpers import flip_tensor_byte
 from tests.lightning.test_trainer import assert_continues, ok, run
 
 

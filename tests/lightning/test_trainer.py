@@ -212,6 +212,9 @@ def test_dp_change_resume(stage: int, tmp_path: Path) -> None:
     assert f"kept the older reshaped copy {in_use}: another job is loading it" in log
 
 
+QKV = "model.blocks.0.attn.qkv.weight"
+
+
 def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
     """TinyGPT at (tp 2, dp 1) resumed at (tp 1, dp 2), and at (tp 2, dp 1) with no work."""
     base = {"model": "gpt", "stage": 1, "steps": 6, "devices": 2, "global_batch": 4}
@@ -220,7 +223,7 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
     ck = tmp_path / "tp2" / "step=4.ckpt"
     sidecar = json.loads((ck / "checkpoint" / "lightning_reshape.json").read_text())
     assert sidecar["topology"] == {"tp": 2, "pp": 1, "dp": 1}
-    assert sidecar["tp_splits"]["model.blocks.0.attn.qkv.weight"] == {"dim": 0, "stride": 1}
+    assert sidecar["tp_splits"][QKV] == {"dim": 0, "stride": 1}
     assert sidecar["tp_splits"]["model.blocks.0.attn.proj.weight"] == {"dim": 1, "stride": 1}
     assert sidecar["tp_splits"]["model.blocks.0.ln1.weight"] == "replicated"
     # The unchanged resume and the error case each get their own copy: the tp change below
@@ -229,6 +232,10 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
     shutil.copytree(ck, same_ck)
     shutil.copytree(ck, bare_ck)
     (bare_ck / "checkpoint" / "lightning_reshape.json").unlink()
+    liar_ck = tmp_path / "liar.ckpt"  # a hand-edited sidecar: qkv cut on dim 1, not 0
+    shutil.copytree(ck, liar_ck)
+    lie = {**sidecar, "tp_splits": {**sidecar["tp_splits"], QKV: {"dim": 1, "stride": 1}}}
+    (liar_ck / "checkpoint" / "lightning_reshape.json").write_text(json.dumps(lie))
     same_before = snapshot(same_ck)
 
     out = run(
@@ -241,6 +248,7 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
         },
         same={**tp2, "resume": str(same_ck), "forbid_reshape": True},
         bare={**base, "parallel": {"tp": 1}, "resume": str(bare_ck)},
+        liar={**base, "parallel": {"tp": 1}, "resume": str(liar_ck)},
     )
     tp1, same = ok(out["tp1"]), ok(out["same"])
     assert tp1["resume"]["reshaped"] and tp1["resume"]["saved"] == [2, 1, 1]
@@ -256,11 +264,25 @@ def test_tp_change_resume_and_unchanged_resume(tmp_path: Path) -> None:
         "seconds": same["resume"]["seconds"],
     }
     assert snapshot(same_ck) == same_before
+    assert (  # one line from our strategy, so a user sees the resume was looked at
+        f"lightning-reshape: layout unchanged (tp=2 pp=1 dp=1, ZeRO 1): DeepSpeed loads "
+        f"{same_ck} as saved"
+    ) in (tmp_path / "same.log").read_text()
     assert_continues(same, ref, exact=True)
 
     rc, log = out["bare"]
     assert rc != 0
     assert "tensor-parallel split of 'model." in log and "AutoReshape(tp_rules=[...])" in log
+
+    # the lie is in no file (equal shards), but the model at tp 1 refutes it before the load:
+    # one error naming the parameter, the split, both shapes and the sidecar, not torch's
+    rc, log = out["liar"]
+    assert rc != 0 and "size mismatch" not in log
+    assert (
+        f"{QKV}: the checkpoint's tensor-parallel split (dim=1 stride=1, as "
+        f"{liar_ck / 'checkpoint' / 'lightning_reshape.json'} records it) gives this rank a "
+        "shard of shape (48, 64) at tp=1 pp=1 dp=2 zero_stage=1, but the model here has (96, 32)"
+    ) in log
 
     # export: the tp 2 checkpoint and its tp 1 reshaped copy give the same full weights, under
     # the LightningModule's own parameter names

@@ -131,7 +131,7 @@ def test_sink_checks_source_crcs(results: dict[str, Any], tmp_path: Path) -> Non
     from lightning_reshape.checkpoint.convert import plan_conversion
     from lightning_reshape.checkpoint.engine_sink import SourceFiles, materialize
     from lightning_reshape.errors import CheckpointError
-    from tests.checkpoint.test_output_integrity import flip_tensor_byte
+    from tests.checkpoint.helpers import flip_tensor_byte
 
     save = tmp_path / "z2"
     shutil.copytree(Path(results["root"]) / "z2-fp32", save)
@@ -157,7 +157,7 @@ def test_sink_checks_records_read_in_part(
     from lightning_reshape.checkpoint.convert import plan_rank_load
     from lightning_reshape.checkpoint.engine_sink import SourceFiles, materialize
     from lightning_reshape.errors import CheckpointError
-    from tests.checkpoint.test_output_integrity import flip_tensor_byte
+    from tests.checkpoint.helpers import flip_tensor_byte
 
     save = tmp_path / "dp1"
     shutil.copytree(Path(results["root"]) / "dp1-fp32", save)

@@ -7,8 +7,12 @@ and show directly which copy is wrong when the layout code changes."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 
+from lightning_reshape.checkpoint.convert import plan_rank_load
 from lightning_reshape.checkpoint.manifest import (
     ROLE_FP32,
     ROLE_OPTIM,
@@ -27,10 +31,11 @@ from lightning_reshape.checkpoint.plan import (
     Target,
     TensorFill,
     build_plan,
+    rank_files,
 )
 from lightning_reshape.checkpoint.reader import TPRule
 from lightning_reshape.checkpoint.sidecar import TPSplit
-from lightning_reshape.errors import CheckpointError
+from lightning_reshape.errors import CheckpointError, LayoutError
 
 MODEL = "mp_rank_00_model_states.pt"
 FP32 = ("optimizer_state_dict", "single_partition_of_fp32_groups", 0)
@@ -165,3 +170,33 @@ def test_tp_change_with_unknown_split_names_the_tensor() -> None:
     tensors = _entries("w", (4, 2), [(0, 0, 0, 8)])
     with pytest.raises(CheckpointError, match="'w'.*tp_rules"):
         build_plan(_manifest(1, tensors), _meta(("w",)), Target(2, 1, 1, 1))
+
+
+def test_entry_points_refuse_wrong_kinds_of_argument(tmp_path: Path) -> None:
+    """A lone file name as ``files`` (iterated as characters it gave an empty plan) and rank
+    coordinates that are not integers (raw ValueError/TypeError from deep in the planner)
+    are one clear error each, at the entry; out of range is a LayoutError naming the target."""
+    manifest = _manifest(2, _entries("a", (3, 2), [(0, 0, 0, 5), (1, 0, 5, 1)]))
+    meta, target = _meta(("a",)), Target(1, 1, 2, 1)
+    with pytest.raises(TypeError, match=r"files='mp_rank_00_model_states.pt' is one name.*\(\'"):
+        build_plan(manifest, meta, target, files=MODEL)
+    with pytest.raises(TypeError, match="got 0 \\(int\\)"):
+        build_plan(manifest, meta, target, files=[MODEL, 0])  # type: ignore[list-item]
+    assert [f.name for f in build_plan(manifest, meta, target, files=[MODEL]).files] == [MODEL]
+
+    assert rank_files(manifest, meta, target, 0, 0, 1) == (MODEL, _optim(1))
+    assert rank_files(manifest, meta, target, 0, 0, np.int64(1)) == (MODEL, _optim(1))
+    for bad in ("1", 1.0, 0.5, None, True):
+        with pytest.raises(TypeError, match=f"rank_files: dp rank must be an integer, got {bad!r}"):
+            rank_files(manifest, meta, target, 0, 0, bad)  # type: ignore[arg-type]
+    with pytest.raises(LayoutError, match="pp stage -1 is negative"):
+        rank_files(manifest, meta, target, 0, -1, 0)
+    with pytest.raises(LayoutError, match=r"rank \(tp=0, pp=0, dp=2\) is outside target tp=1"):
+        rank_files(manifest, meta, target, 0, 0, 2)
+
+    missing = tmp_path / "never-read"  # the checks come before any IO
+    for bad in ((0, 0), (0, "0", 0), "000", (0, 0, 1.5)):
+        with pytest.raises(TypeError, match="plan_rank_load: "):
+            plan_rank_load(missing, bad, dp=1)  # type: ignore[arg-type]
+    with pytest.raises(LayoutError, match="plan_rank_load: dp rank -1 is negative"):
+        plan_rank_load(missing, (0, 0, -1))
