@@ -256,13 +256,13 @@ def main() -> None:
         help="runs of each (unchanged and changed interleaved); the table gives medians",
     )
     args = parser.parse_args()
-    work = Path(args.workdir)
-    work.mkdir(parents=True, exist_ok=True)
     kinds = {k.strip() for k in args.rows.split(",")}
     if not kinds <= {"dp", "tp", "zero", "pp"}:
         parser.error(f"--rows {args.rows!r}: choose from dp, tp, zero, pp")
     if args.repeat < 1:
         parser.error(f"--repeat {args.repeat}: give at least 1")
+    work = Path(args.workdir)  # made once the arguments are known good: no folder left behind
+    work.mkdir(parents=True, exist_ok=True)
     rows = {name: row for name, row in ROWS.items() if row[0] in kinds}
     print(f"load average before: {os.getloadavg()[0]:.1f} (1-minute; the machine is shared)")
     needed = {row[1] for row in rows.values()} | {row[3] for row in rows.values()}
