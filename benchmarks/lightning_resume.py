@@ -201,17 +201,20 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _run(spec: dict[str, Any]) -> float:
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port())}
-    t0 = time.perf_counter()
-    subprocess.run(
-        [sys.executable, __file__, "worker", json.dumps(spec)],
-        check=True,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return time.perf_counter() - t0
+def _run(spec: dict[str, Any], log: Path) -> float:
+    """Wall seconds of one worker run; its output goes to ``log``. A failed run is shown (the
+    log's tail) and tried once more: a 2-rank gloo start on a shared machine can abort."""
+    for attempt in (1, 2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_port())}
+        t0 = time.perf_counter()
+        with open(log, "w") as out:
+            cmd = [sys.executable, __file__, "worker", json.dumps(spec)]
+            code = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        if code == 0:
+            return time.perf_counter() - t0
+        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
+        print(f"  worker failed (exit {code}, attempt {attempt} of 2); the end of {log}:\n{tail}")
+    raise SystemExit(f"a worker failed twice; see {log}")
 
 
 def _size(path: Path) -> int:
@@ -298,7 +301,7 @@ def _checkpoint(work: Path, name: str) -> None:
     ckpt = work / name
     if not (ckpt / "latest").is_file():
         shutil.rmtree(ckpt, ignore_errors=True)
-        _run({**CHECKPOINTS[name], "steps": 1, "save": str(ckpt)})
+        _run({**CHECKPOINTS[name], "steps": 1, "save": str(ckpt)}, work / f"{name}.log")
     for old in ckpt.glob("reshaped-*"):
         shutil.rmtree(old)
     print(f"checkpoint {name}: {_size(ckpt / 'checkpoint') / 1e9:.2f} GB, {CHECKPOINTS[name]}")
@@ -307,7 +310,7 @@ def _checkpoint(work: Path, name: str) -> None:
 def _timed(work: Path, name: str, spec: dict[str, Any]) -> dict[str, Any]:
     out = work / f"{name.replace(' ', '_').replace('>', '').replace('(', '').replace(')', '')}.json"
     out.unlink(missing_ok=True)
-    wall = _run({**spec, "steps": 2, "out": str(out)})
+    wall = _run({**spec, "steps": 2, "out": str(out)}, out.with_suffix(".log"))
     result = {**json.loads(out.read_text()), "process": wall}
     print(f"  {name}: fit->1st step {result['fit_to_first_step']:.2f} s", flush=True)
     return result
