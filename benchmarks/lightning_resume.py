@@ -17,6 +17,10 @@ source (the engine sink, reading included) and the rest (DeepSpeed's own load).
 
     python benchmarks/lightning_resume.py [--workdir /tmp/lightning_reshape_bench_lightning]
                                           [--rows dp,tp,zero,pp] [--with-copy] [--universal]
+                                          [--repeat 3]
+
+Each timing is the median of ``--repeat`` runs, the unchanged and changed resumes interleaved
+(a slow spell of a shared machine hits both); each row prints PASS or MISS against the target.
 """
 
 from __future__ import annotations
