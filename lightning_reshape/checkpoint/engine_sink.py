@@ -132,13 +132,14 @@ class SourceFiles:
 
     def check_read(self) -> None:
         """CRC-32 check the records :meth:`read_into_place` noted (after the reads), each once."""
-        assert self.checked is not None or not self._read
+        checked = self.checked
+        if checked is None:  # nothing was noted: read_into_place keeps nothing unchecked
+            return
         for mark, (stored, parts) in self._read.items():
-            if mark in self.checked:  # type: ignore[operator]
-                continue
-            parts.sort(key=lambda p: p[0])
-            stored.check_crc(self.fd(mark[1], stored), mark[2], parts)
-            self.checked.add(mark)  # type: ignore[union-attr]
+            if mark not in checked:
+                parts.sort(key=lambda p: p[0])
+                stored.check_crc(self.fd(mark[1], stored), mark[2], parts)
+                checked.add(mark)
         self._read.clear()
 
 
@@ -207,7 +208,7 @@ def _fill(item: TensorFill, sources: SourceFiles) -> torch.Tensor:
         if mark not in stored:
             stored[mark] = _stored_as_target(flat, c, sources)
         st = stored[mark]
-        if st is not None and _strided_span(c, st, flat) is not None:
+        if st is not None and _reads_as_spans(c, st, flat):
             _fill_strided(c, st, flat, sources)
             spans.extend((d, d + n) for _, d, n in c.runs())
             continue
@@ -263,17 +264,15 @@ def _stored_as_target(flat: torch.Tensor, c: Copy, sources: SourceFiles) -> _Sto
 STRIDED_CHUNK_BYTES = 64 << 20
 
 
-def _strided_span(c: Copy, st: _Stored, flat: torch.Tensor) -> int | None:
-    """Elements of the source span a strided copy ``c`` covers (first run's start to last run's
-    end), when it is read best as one span: several rows that neither overlap nor leave
-    ``flat``/the source; None otherwise (its runs are read one by one)."""
+def _reads_as_spans(c: Copy, st: _Stored, flat: torch.Tensor) -> bool:
+    """Whether strided copy ``c`` is read best as whole source spans (:func:`_fill_strided`):
+    several rows that neither overlap nor leave ``flat`` or the source; otherwise its runs are
+    read one by one (and a run out of bounds is named there)."""
     if c.rows < 2 or c.src_stride < c.numel or c.dst_stride < c.numel or not c.numel:
-        return None
-    span = (c.rows - 1) * c.src_stride + c.numel
-    last = c.dst_offset + (c.rows - 1) * c.dst_stride + c.numel
-    if c.src_offset + span > st.numel or last > flat.numel():
-        return None
-    return span
+        return False
+    src_end = c.src_offset + (c.rows - 1) * c.src_stride + c.numel
+    dst_end = c.dst_offset + (c.rows - 1) * c.dst_stride + c.numel
+    return src_end <= st.numel and dst_end <= flat.numel()
 
 
 def _fill_strided(c: Copy, st: _Stored, flat: torch.Tensor, sources: SourceFiles) -> None:
